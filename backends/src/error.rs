@@ -1,0 +1,58 @@
+//! Typed errors every backend returns.
+
+use std::{process::ExitStatus, time::Duration};
+
+use crate::{NetNsError, ScamperJsonError};
+
+/// Why a trace produced no result.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The trace ran past its deadline and was stopped.
+    #[error("trace timed out after {0:?}")]
+    Timeout(Duration),
+    /// The tracer program could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program that was started.
+        program: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The tracer program exited unsuccessfully.
+    #[error("{program} exited with {status}: {stderr}")]
+    Exited {
+        /// The program that ran.
+        program: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The end of what it wrote to stderr (bounded).
+        stderr: String,
+    },
+    /// The tracer's output is not a valid measurement.
+    #[error("unusable output: {0}")]
+    Output(#[from] ScamperJsonError),
+    /// The tracer wrote more than the bound on one trace's output.
+    #[error("output larger than {0} bytes")]
+    OutputTooLarge(usize),
+    /// The network namespace for probes is not usable.
+    #[error(transparent)]
+    Namespace(#[from] NetNsError),
+    /// Reading from or waiting for the tracer failed.
+    #[error("i/o with the tracer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl TraceError {
+    /// A short, stable label for metrics and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TraceError::Timeout(_) => "timeout",
+            TraceError::Spawn { .. } => "spawn",
+            TraceError::Exited { .. } => "exited",
+            TraceError::Output(_) => "bad_output",
+            TraceError::OutputTooLarge(_) => "output_too_large",
+            TraceError::Namespace(_) => "netns",
+            TraceError::Io(_) => "io",
+        }
+    }
+}

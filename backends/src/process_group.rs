@@ -1,0 +1,181 @@
+//! Running a tracer program as its own process group: bounded output, a deadline, the whole
+//! group killed and the child always reaped.
+
+use std::{
+    ffi::OsStr,
+    os::fd::AsFd,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::{NetNs, TraceError};
+
+/// Bytes of stderr kept for error messages.
+const STDERR_KEEP: usize = 4096;
+
+/// What a finished program left behind.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Kills the process group when dropped, so a cancelled trace leaves nothing running.
+struct GroupKiller(Option<Pid>);
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            // ESRCH (nothing left in the group) is the normal case after a clean exit.
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `program args…` in a new process group (inside `netns` when given) and collects its
+/// output, at most `max_stdout` bytes of stdout.
+///
+/// The group is killed with SIGKILL before the child is reaped — at the deadline, on an error,
+/// and after a normal exit (helpers it forked must not outlive it). Killing before reaping
+/// means the group id cannot have been reused by an unrelated process.
+pub(crate) async fn run(
+    program: &OsStr,
+    args: &[String],
+    netns: Option<&NetNs>,
+    deadline: Duration,
+    max_stdout: usize,
+) -> Result<Finished, TraceError> {
+    let name = program.to_string_lossy().into_owned();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(ns) = netns {
+        let fd = ns.as_fd().try_clone_to_owned()?;
+        // SAFETY: the closure runs in the forked child before exec. It only calls setns(2),
+        // which is async-signal-safe, on a descriptor the closure owns; it allocates nothing
+        // and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || NetNs::enter(fd.as_fd()).map_err(std::io::Error::from));
+        }
+    }
+    let mut child = cmd.spawn().map_err(|source| TraceError::Spawn {
+        program: name.clone(),
+        source,
+    })?;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
+    let mut group = GroupKiller(Some(Pid::from_raw(pid as i32)));
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(std::io::Error::other("child has no output pipes").into());
+    };
+
+    let outputs = tokio::time::timeout(deadline, async {
+        tokio::join!(drain(stdout, max_stdout), drain(stderr, STDERR_KEEP))
+    })
+    .await;
+    group.kill();
+    let status = child.wait().await?;
+    let ((stdout, stdout_overflow), (stderr, _)) = match outputs {
+        Err(_elapsed) => return Err(TraceError::Timeout(deadline)),
+        Ok((out, err)) => (out?, err?),
+    };
+    if stdout_overflow {
+        return Err(TraceError::OutputTooLarge(max_stdout));
+    }
+    Ok(Finished {
+        status,
+        stdout,
+        stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+    })
+}
+
+/// Reads `reader` to its end, keeping the first `keep` bytes; also says whether there was more.
+async fn drain(
+    mut reader: impl AsyncRead + Unpin,
+    keep: usize,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut kept = Vec::new();
+    let mut overflow = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((kept, overflow));
+        }
+        let room = keep.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..n.min(room)]);
+        overflow |= n > room;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["-c".to_owned(), script.to_owned()]
+    }
+
+    #[tokio::test]
+    async fn collects_stdout_stderr_and_status() {
+        let done = run(
+            OsStr::new("sh"),
+            &sh("printf out; printf err >&2; exit 3"),
+            None,
+            Duration::from_secs(10),
+            1024,
+        )
+        .await
+        .expect("runs");
+        assert_eq!(done.stdout, b"out");
+        assert_eq!(done.stderr, "err");
+        assert_eq!(done.status.code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn output_over_the_bound_is_an_error() {
+        let err = run(
+            OsStr::new("sh"),
+            &sh("head -c 5000 /dev/zero"),
+            None,
+            Duration::from_secs(10),
+            1000,
+        )
+        .await
+        .expect_err("too large");
+        assert!(matches!(err, TraceError::OutputTooLarge(1000)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error() {
+        let err = run(
+            OsStr::new("/nonexistent/scamper"),
+            &[],
+            None,
+            Duration::from_secs(1),
+            10,
+        )
+        .await
+        .expect_err("no such program");
+        assert!(matches!(err, TraceError::Spawn { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/scamper"), "{err}");
+    }
+}

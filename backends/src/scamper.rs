@@ -1,0 +1,202 @@
+//! scamper as a tracer: the command text for a request, and the process-per-trace backend.
+
+use std::{ffi::OsString, sync::Arc};
+
+use async_trait::async_trait;
+
+use crate::{Method, NetNs, Probe, TraceError, TraceOutput, TraceRequest, Tracer, process_group};
+
+/// The ETL rejects files over 90,000,000 bytes; scamper's part of a file is bounded below that.
+const MAX_OUTPUT: usize = 89_000_000;
+
+/// How scamper is started.
+#[derive(Debug, Clone)]
+pub struct ScamperOptions {
+    /// The scamper program (a name looked up in `PATH`, or a path).
+    pub binary: OsString,
+    /// Packets per second (`-p`); scamper's own default (20) when `None`.
+    pub pps: Option<u32>,
+}
+
+impl Default for ScamperOptions {
+    fn default() -> Self {
+        Self {
+            binary: "scamper".into(),
+            pps: None,
+        }
+    }
+}
+
+/// The scamper command (as given to `-I` or written to the control socket) for one request.
+///
+/// Paris single path is `trace -P udp-paris|icmp-paris|tcp` (scamper's `tcp` keeps both ports
+/// fixed, so it is Paris too); multipath is `tracelb -P udp-sport|icmp-echo|tcp-sport`, which
+/// vary only the source port and keep the destination port a firewall expects.
+pub fn command(request: &TraceRequest) -> String {
+    let limits = &request.limits;
+    let wait = limits.wait.as_secs().clamp(1, 20);
+    let attempts = limits.attempts.max(1);
+    match request.method {
+        Method::Paris(probe) => {
+            let method = match probe {
+                Probe::Udp => "udp-paris",
+                Probe::Icmp => "icmp-paris",
+                Probe::Tcp => "tcp",
+            };
+            format!(
+                "trace -P {method} -q {attempts} -w {wait} -m {} {}",
+                limits.max_ttl.max(1),
+                request.dst
+            )
+        }
+        Method::Mda(probe) => {
+            let method = match probe {
+                Probe::Udp => "udp-sport",
+                Probe::Icmp => "icmp-echo",
+                Probe::Tcp => "tcp-sport",
+            };
+            format!(
+                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {}",
+                limits.probe_budget.max(1),
+                request.dst
+            )
+        }
+    }
+}
+
+/// One `scamper` process per trace: `scamper -o- -O json -I "<command>"`.
+///
+/// The child runs in its own process group (scamper forks a privileged helper), inside the
+/// configured network namespace when there is one; it is killed as a group at the deadline
+/// and always reaped. Its JSON is kept byte for byte.
+#[derive(Debug, Clone)]
+pub struct ScamperProcess {
+    options: ScamperOptions,
+    netns: Option<Arc<NetNs>>,
+}
+
+impl ScamperProcess {
+    /// A backend that starts `options.binary`, inside `netns` when given.
+    pub fn new(options: ScamperOptions, netns: Option<Arc<NetNs>>) -> Self {
+        Self { options, netns }
+    }
+
+    /// The arguments scamper gets for `request`.
+    pub fn args(&self, request: &TraceRequest) -> Vec<String> {
+        let mut args: Vec<String> = ["-o-", "-O", "json"].map(String::from).into();
+        if let Some(pps) = self.options.pps {
+            args.extend(["-p".to_owned(), pps.to_string()]);
+        }
+        args.extend(["-I".to_owned(), command(request)]);
+        args
+    }
+}
+
+#[async_trait]
+impl Tracer for ScamperProcess {
+    fn name(&self) -> &'static str {
+        "scamper"
+    }
+
+    async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
+        let done = process_group::run(
+            &self.options.binary,
+            &self.args(request),
+            self.netns.as_deref(),
+            request.limits.deadline,
+            MAX_OUTPUT,
+        )
+        .await?;
+        // An invalid command makes scamper exit 255 with no output: both are checked.
+        if !done.status.success() || done.stdout.is_empty() {
+            return Err(TraceError::Exited {
+                program: self.options.binary.to_string_lossy().into_owned(),
+                status: done.status,
+                stderr: done.stderr,
+            });
+        }
+        Ok(TraceOutput::from_lines(done.stdout)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::Limits;
+
+    fn request(method: Method) -> TraceRequest {
+        TraceRequest {
+            dst: "192.0.2.7".parse::<IpAddr>().expect("addr"),
+            method,
+            limits: Limits {
+                max_ttl: 16,
+                attempts: 3,
+                wait: Duration::from_secs(1),
+                probe_budget: 500,
+                deadline: Duration::from_secs(30),
+            },
+        }
+    }
+
+    #[test]
+    fn commands_name_scamper_methods() {
+        assert_eq!(
+            command(&request(Method::Paris(Probe::Udp))),
+            "trace -P udp-paris -q 3 -w 1 -m 16 192.0.2.7"
+        );
+        assert_eq!(
+            command(&request(Method::Paris(Probe::Tcp))),
+            "trace -P tcp -q 3 -w 1 -m 16 192.0.2.7"
+        );
+        assert_eq!(
+            command(&request(Method::Mda(Probe::Icmp))),
+            "tracelb -P icmp-echo -q 3 -w 1 -Q 500 192.0.2.7"
+        );
+        assert_eq!(
+            command(&request(Method::Mda(Probe::Udp))),
+            "tracelb -P udp-sport -q 3 -w 1 -Q 500 192.0.2.7"
+        );
+    }
+
+    #[test]
+    fn args_put_the_command_after_dash_i() {
+        let backend = ScamperProcess::new(
+            ScamperOptions {
+                binary: "scamper".into(),
+                pps: Some(500),
+            },
+            None,
+        );
+        let args = backend.args(&request(Method::Paris(Probe::Icmp)));
+        assert_eq!(
+            args,
+            [
+                "-o-",
+                "-O",
+                "json",
+                "-p",
+                "500",
+                "-I",
+                "trace -P icmp-paris -q 3 -w 1 -m 16 192.0.2.7"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_program_reports_status_and_stderr() {
+        let backend = ScamperProcess::new(
+            ScamperOptions {
+                binary: "false".into(),
+                pps: None,
+            },
+            None,
+        );
+        let err = backend
+            .trace(&request(Method::Paris(Probe::Udp)))
+            .await
+            .expect_err("false fails");
+        assert!(matches!(err, TraceError::Exited { .. }), "{err}");
+    }
+}

@@ -1,0 +1,230 @@
+//! `hoptrace serve` settings: every flag has an `HOPTRACE_*` environment twin, and a bad
+//! setting is refused with a clear message before anything binds.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+use hoptrace_backends::{Limits, Method};
+use ipnet::IpNet;
+
+use crate::{cache::CacheConfig, conn_id};
+
+/// The tracer backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// One `scamper` process per trace.
+    Scamper,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (examples: 30s, 10m, 500ms)"))
+}
+
+/// Flags of `hoptrace serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "HOPTRACE_LISTEN", default_value = "127.0.0.1:9383")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin HTTP server (/metrics, /healthz).
+    #[arg(long, env = "HOPTRACE_ADMIN_LISTEN", default_value = "127.0.0.1:9384")]
+    pub admin_listen: SocketAddr,
+
+    /// Root directory of the trace files (created if missing).
+    #[arg(long, env = "HOPTRACE_OUTPUT_DIR", default_value = "traces")]
+    pub output_dir: PathBuf,
+
+    /// Tracer backend.
+    #[arg(long, env = "HOPTRACE_BACKEND", value_enum, default_value = "scamper")]
+    pub backend: BackendKind,
+
+    /// Trace method: paris-udp, paris-icmp, paris-tcp (single path) or mda-udp, mda-icmp,
+    /// mda-tcp (multipath).
+    #[arg(long, env = "HOPTRACE_METHOD", default_value = "paris-udp")]
+    pub method: Method,
+
+    /// The scamper program.
+    #[arg(long, env = "HOPTRACE_SCAMPER_BIN", default_value = "scamper")]
+    pub scamper_bin: PathBuf,
+
+    /// scamper's probe rate in packets per second (scamper's default, 20, when unset).
+    #[arg(long, env = "HOPTRACE_SCAMPER_PPS", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    pub scamper_pps: Option<u32>,
+
+    /// Highest TTL probed (single path).
+    #[arg(long, env = "HOPTRACE_MAX_TTL", default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=255))]
+    pub max_ttl: u8,
+
+    /// Probes per hop before giving up on it.
+    #[arg(long, env = "HOPTRACE_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=10))]
+    pub attempts: u8,
+
+    /// Time to wait for each reply (whole seconds, 1-20).
+    #[arg(long, env = "HOPTRACE_PROBE_WAIT", default_value = "2s", value_parser = duration)]
+    pub probe_wait: Duration,
+
+    /// Most probes one multipath trace may send.
+    #[arg(long, env = "HOPTRACE_PROBE_BUDGET", default_value_t = 3000)]
+    pub probe_budget: u32,
+
+    /// Deadline of one trace; past it the trace is stopped and fails.
+    #[arg(long, env = "HOPTRACE_TRACE_TIMEOUT", default_value = "120s", value_parser = duration)]
+    pub trace_timeout: Duration,
+
+    /// Send probes from this network namespace (`ip netns` name); the API stays where the
+    /// server was started.
+    #[arg(long, env = "HOPTRACE_NETNS")]
+    pub netns: Option<String>,
+
+    /// Trace private, shared (CGNAT) and unique-local destinations (labs).
+    #[arg(long, env = "HOPTRACE_ALLOW_PRIVATE")]
+    pub allow_private: bool,
+
+    /// Never trace destinations inside these prefixes (comma-separated CIDRs).
+    #[arg(long, env = "HOPTRACE_DENY", value_delimiter = ',')]
+    pub deny: Vec<IpNet>,
+
+    /// How long a trace is reused for the same destination, counted from its completion.
+    #[arg(long, env = "HOPTRACE_CACHE_TTL", default_value = "10m", value_parser = duration)]
+    pub cache_ttl: Duration,
+
+    /// How long a failed trace stops new traces to the same destination.
+    #[arg(long, env = "HOPTRACE_CACHE_FAILURE_TTL", default_value = "1m", value_parser = duration)]
+    pub cache_failure_ttl: Duration,
+
+    /// Most destinations remembered by the cache.
+    #[arg(long, env = "HOPTRACE_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub cache_capacity: usize,
+
+    /// Most events that may wait on one running trace.
+    #[arg(long, env = "HOPTRACE_CACHE_MAX_WAITERS", default_value_t = 10_000)]
+    pub cache_max_waiters: usize,
+
+    /// Traces that may wait in the queue; beyond it events are shed.
+    #[arg(long, env = "HOPTRACE_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+
+    /// Traces that may run at once.
+    #[arg(long, env = "HOPTRACE_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+
+    /// Allow-list pattern (regex, anchored) for connection ids.
+    #[arg(long, env = "HOPTRACE_CONN_ID_PATTERN", default_value = conn_id::DEFAULT_PATTERN)]
+    pub conn_id_pattern: String,
+
+    /// Records of this run that subscribers can resume from by cursor.
+    #[arg(long, env = "HOPTRACE_RETENTION", default_value_t = 100_000)]
+    pub retention: usize,
+
+    /// Records queued per subscriber before it is cut off the live stream (it then catches
+    /// up from the store).
+    #[arg(long, env = "HOPTRACE_SUBSCRIBER_QUEUE", default_value_t = 1024)]
+    pub subscriber_queue: usize,
+
+    /// Largest gRPC request accepted, in bytes.
+    #[arg(long, env = "HOPTRACE_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Time running traces get to finish at shutdown.
+    #[arg(long, env = "HOPTRACE_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Value of TracerouteCallerVersion in every file.
+    #[arg(long, env = "HOPTRACE_VERSION_TAG", default_value = concat!("hoptrace-", env!("CARGO_PKG_VERSION")))]
+    pub version_tag: String,
+
+    /// Log format.
+    #[arg(long, env = "HOPTRACE_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax: info, hoptrace=debug, …).
+    #[arg(long, env = "HOPTRACE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl ServeArgs {
+    /// Checks what clap's types cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        let wait = self.probe_wait.as_secs();
+        if !(1..=20).contains(&wait) || self.probe_wait.subsec_nanos() != 0 {
+            return bad(format!(
+                "--probe-wait must be whole seconds between 1s and 20s, not {:?}",
+                self.probe_wait
+            ));
+        }
+        for (name, value) in [
+            ("--cache-capacity", self.cache_capacity),
+            ("--cache-max-waiters", self.cache_max_waiters),
+            ("--queue-capacity", self.queue_capacity),
+            ("--concurrency", self.concurrency),
+            ("--retention", self.retention),
+            ("--subscriber-queue", self.subscriber_queue),
+            ("--max-request-bytes", self.max_request_bytes),
+            ("--probe-budget", self.probe_budget as usize),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.trace_timeout < Duration::from_secs(1) {
+            return bad("--trace-timeout must be at least 1s".into());
+        }
+        if self.cache_ttl.is_zero() {
+            return bad("--cache-ttl must be above zero".into());
+        }
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return bad(format!(
+                "--listen and --admin-listen are both {}",
+                self.listen
+            ));
+        }
+        if let Err(e) = regex::Regex::new(&self.conn_id_pattern) {
+            return bad(format!("--conn-id-pattern: {e}"));
+        }
+        if self.version_tag.is_empty() || self.version_tag.chars().any(char::is_control) {
+            return bad("--version-tag must be non-empty printable text".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            return bad(format!("--log {:?}: {e}", self.log));
+        }
+        Ok(())
+    }
+
+    /// Trace limits from the flags.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_ttl: self.max_ttl,
+            attempts: self.attempts,
+            wait: self.probe_wait,
+            probe_budget: self.probe_budget,
+            deadline: self.trace_timeout,
+        }
+    }
+
+    /// Cache settings from the flags (call after [`ServeArgs::validate`]).
+    pub fn cache(&self) -> CacheConfig {
+        CacheConfig {
+            ttl: self.cache_ttl,
+            failure_ttl: self.cache_failure_ttl,
+            capacity: NonZeroUsize::new(self.cache_capacity).unwrap_or(NonZeroUsize::MIN),
+            max_waiters: self.cache_max_waiters,
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The hub: fans trace records out to subscribers and lets them resume from a cursor.
+//!
+//! Publishing never waits. Each subscriber has a bounded queue; one that is full is cut off
+//! the live stream and catches up from the journal (records read back from the store), so a
+//! slow or stuck subscriber never slows the pipeline or the others. The journal remembers the
+//! last `retention` records of this run (their paths, not their contents); a subscriber that
+//! resumes from further back is told how many records it missed.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use ipnet::IpNet;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::sync::mpsc;
+
+use crate::{
+    record::{Cursor, TraceRecord},
+    store::TraceStore,
+};
+
+/// What a subscription delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriptionEvent {
+    /// A trace record.
+    Record(Arc<TraceRecord>),
+    /// Records were missed or had to be caught up.
+    Lag(Lag),
+}
+
+/// A notice that the subscriber fell behind or resumed from beyond the retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lag {
+    /// The last cursor the subscriber had.
+    pub after: Option<Cursor>,
+    /// Where delivery resumes (the next record's cursor is after this one).
+    pub resumed: Option<Cursor>,
+    /// Records that can no longer be delivered.
+    pub missed: u64,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// Which records a subscriber wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only destinations inside this prefix.
+    pub prefix: Option<IpNet>,
+    /// Only this backend.
+    pub backend: Option<String>,
+    /// Only cached (true) or fresh (false) records.
+    pub cached: Option<bool>,
+}
+
+impl Filter {
+    fn matches(&self, dst: IpAddr, backend: &str, cached: bool) -> bool {
+        self.prefix.is_none_or(|p| p.contains(&dst))
+            && self.backend.as_deref().is_none_or(|b| b == backend)
+            && self.cached.is_none_or(|c| c == cached)
+    }
+}
+
+/// What the journal keeps of a published record: enough to filter it and read it back.
+#[derive(Debug, Clone)]
+struct JournalEntry {
+    seq: u64,
+    rel_path: String,
+    backend: String,
+    dst: IpAddr,
+    cached: bool,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    next_seq: u64,
+    journal: VecDeque<JournalEntry>,
+    subscribers: HashMap<u64, mpsc::Sender<Arc<TraceRecord>>>,
+    next_subscriber: u64,
+}
+
+/// Hub settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Records queued per subscriber before it is cut off the live stream.
+    pub queue: usize,
+    /// Records of this run that can be replayed by cursor.
+    pub retention: usize,
+}
+
+/// Counters the hub keeps (shared with the metrics registry).
+#[derive(Debug, Clone, Default)]
+pub struct HubCounters {
+    /// Subscriptions open now.
+    pub subscribers: Gauge,
+    /// Times a subscriber was cut off the live stream or told it missed records.
+    pub lags: Counter,
+}
+
+/// Fans records out to subscribers.
+#[derive(Debug)]
+pub struct Hub {
+    run: u64,
+    config: HubConfig,
+    inner: Mutex<Inner>,
+    closed: AtomicBool,
+    counters: HubCounters,
+}
+
+impl Hub {
+    /// A hub for one run of the server, identified by `run`.
+    pub fn new(run: u64, config: HubConfig, counters: HubCounters) -> Self {
+        Self {
+            run,
+            config,
+            inner: Mutex::new(Inner {
+                next_seq: 1,
+                journal: VecDeque::new(),
+                subscribers: HashMap::new(),
+                next_subscriber: 0,
+            }),
+            closed: AtomicBool::new(false),
+            counters,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives `record` the next cursor, remembers it and offers it to every subscriber without
+    /// waiting: a subscriber whose queue is full is cut off and will catch up from the store.
+    pub fn publish(&self, mut record: TraceRecord) -> Arc<TraceRecord> {
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        record.cursor = Some(Cursor { run: self.run, seq });
+        let record = Arc::new(record);
+        inner.journal.push_back(JournalEntry {
+            seq,
+            rel_path: record.file.rel_path.clone(),
+            backend: record.backend.clone(),
+            dst: record.destination(),
+            cached: record.cached(),
+            labels: record.labels.clone(),
+        });
+        while inner.journal.len() > self.config.retention {
+            inner.journal.pop_front();
+        }
+        inner
+            .subscribers
+            .retain(|_, tx| tx.try_send(Arc::clone(&record)).is_ok());
+        record
+    }
+
+    /// Ends every subscription (at shutdown).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.lock().subscribers.clear();
+    }
+
+    /// Number of live queues (subscribers currently on the live stream).
+    pub fn live_subscribers(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    /// Registers a live queue and returns it with the journal entries after `last` and how
+    /// many records after `last` are no longer retained. Done under one lock, so every record
+    /// is either in the backlog or will arrive on the queue: none is lost or repeated.
+    fn attach(
+        &self,
+        last: Option<u64>,
+    ) -> (
+        mpsc::Receiver<Arc<TraceRecord>>,
+        Vec<JournalEntry>,
+        u64,
+        u64,
+    ) {
+        let (tx, rx) = mpsc::channel(self.config.queue.max(1));
+        let mut inner = self.lock();
+        let id = inner.next_subscriber;
+        inner.next_subscriber += 1;
+        inner.subscribers.insert(id, tx);
+        let last = last.unwrap_or(inner.next_seq - 1);
+        let oldest = inner.journal.front().map_or(inner.next_seq, |e| e.seq);
+        let missed = oldest.saturating_sub(last + 1);
+        let backlog = inner
+            .journal
+            .iter()
+            .filter(|e| e.seq > last)
+            .cloned()
+            .collect();
+        (rx, backlog, missed, last)
+    }
+
+    /// Starts a subscription: records after `after` (replayed from the store, then live), or
+    /// live records only when `after` is `None`. The returned queue holds at most `capacity`
+    /// events; the subscription ends when the receiver is dropped or the hub closes.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        store: Arc<TraceStore>,
+        after: Option<Cursor>,
+        filter: Filter,
+        capacity: usize,
+    ) -> mpsc::Receiver<SubscriptionEvent> {
+        let (out, rx) = mpsc::channel(capacity.max(1));
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            hub.counters.subscribers.inc();
+            let _ = hub.run_subscription(&store, after, &filter, &out).await;
+            hub.counters.subscribers.dec();
+        });
+        rx
+    }
+
+    /// The subscription loop; returns `Err` when the subscriber has gone away.
+    async fn run_subscription(
+        &self,
+        store: &TraceStore,
+        after: Option<Cursor>,
+        filter: &Filter,
+        out: &mpsc::Sender<SubscriptionEvent>,
+    ) -> Result<(), mpsc::error::SendError<SubscriptionEvent>> {
+        let cursor = |seq: u64| Cursor { run: self.run, seq };
+        let mut last = match after {
+            Some(c) if c.run == self.run => Some(c.seq),
+            Some(c) => {
+                // A cursor from an earlier run: everything retained from this run is new.
+                out.send(SubscriptionEvent::Lag(Lag {
+                    after: Some(c),
+                    resumed: None,
+                    missed: 0,
+                    reason: "the cursor is from an earlier run of the server; replaying \
+                             every record retained since it started (older records are in \
+                             the store's files)"
+                        .into(),
+                }))
+                .await?;
+                Some(0)
+            }
+            None => None,
+        };
+        let mut fell_behind = false;
+        loop {
+            let (mut live, backlog, missed, from) = self.attach(last);
+            if missed > 0 || fell_behind {
+                self.counters.lags.inc();
+                out.send(SubscriptionEvent::Lag(Lag {
+                    after: (from > 0).then(|| cursor(from)),
+                    resumed: Some(cursor(from + missed)),
+                    missed,
+                    reason: if fell_behind {
+                        "subscriber fell behind the live stream; catching up from the store"
+                    } else {
+                        "records older than the retention can no longer be replayed"
+                    }
+                    .into(),
+                }))
+                .await?;
+            }
+            last = Some(from + missed);
+            for entry in backlog {
+                last = Some(entry.seq);
+                if !filter.matches(entry.dst, &entry.backend, entry.cached) {
+                    continue;
+                }
+                let event = match store
+                    .read(&entry.rel_path)
+                    .map_err(crate::record::RecordError::from)
+                    .and_then(|file| TraceRecord::from_file(file, entry.backend, entry.labels))
+                {
+                    Ok(mut record) => {
+                        record.cursor = Some(cursor(entry.seq));
+                        SubscriptionEvent::Record(Arc::new(record))
+                    }
+                    Err(e) => SubscriptionEvent::Lag(Lag {
+                        after: Some(cursor(entry.seq - 1)),
+                        resumed: Some(cursor(entry.seq)),
+                        missed: 1,
+                        reason: format!("record can no longer be read back: {e}"),
+                    }),
+                };
+                out.send(event).await?;
+            }
+            while let Some(record) = live.recv().await {
+                let seq = record.cursor.map_or(0, |c| c.seq);
+                if last.is_some_and(|l| seq <= l) {
+                    continue;
+                }
+                last = Some(seq);
+                if filter.matches(record.destination(), &record.backend, record.cached()) {
+                    out.send(SubscriptionEvent::Record(record)).await?;
+                }
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            fell_behind = true;
+        }
+    }
+}

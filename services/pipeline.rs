@@ -1,0 +1,630 @@
+//! The pipeline: intake → policy → IP cache → scheduler → backend → store → hub.
+//!
+//! Every accepted event ends in exactly one terminal state (traced, cached, refused, failed,
+//! aborted), each counted, so `accepted = traced + cached + refused + failed + aborted +
+//! pending` holds at every moment. The event that starts a trace owns its *flight*; events for
+//! the same destination that arrive while it runs wait on it and get cached copies. A flight
+//! that ends without a result (queue full, shutdown) settles its owner and waiters too: the
+//! [`Flight`] guard does it on drop, so no path can forget them.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use hoptrace_backends::{Limits, Method, TraceError, TraceRequest, Tracer};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot, watch},
+    task::JoinSet,
+    time::Instant,
+};
+
+use crate::{
+    cache::{CacheConfig, IpCache, Lookup},
+    conn_id::{ConnectionId, ConnectionIds},
+    event::{InvalidEvent, RawEvent, Source},
+    hub::Hub,
+    metrics::{Metrics, OutcomeLabel, ReasonLabel},
+    policy::{Policy, Refusal},
+    record::TraceRecord,
+    store::{StoreError, TraceStore},
+};
+
+/// Failure reasons besides the backends' own error kinds.
+pub const FAILURE_REASONS: [&str; 10] = [
+    "timeout",
+    "spawn",
+    "exited",
+    "bad_output",
+    "output_too_large",
+    "netns",
+    "io",
+    "recent_failure",
+    "write_failed",
+    "duplicate_id",
+];
+
+/// What became of an accepted event, when it was not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// A new trace was queued.
+    Scheduled,
+    /// A trace to the destination is running; the event gets a cached copy.
+    Joined,
+    /// A recent trace was reused; a cached copy is being written.
+    Cached,
+}
+
+/// Why an event or request was not served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PipelineError {
+    /// The event is malformed.
+    #[error("invalid event: {0}")]
+    Invalid(#[from] InvalidEvent),
+    /// A request field is malformed.
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    /// The destination is not traced.
+    #[error("destination {dst} refused: {why}")]
+    Refused {
+        /// The destination.
+        dst: IpAddr,
+        /// Why.
+        why: Refusal,
+    },
+    /// A recent trace to the destination failed; it is not retried yet.
+    #[error("a recent trace to {dst} failed ({reason}); not retried until the failure expires")]
+    RecentlyFailed {
+        /// The destination.
+        dst: IpAddr,
+        /// The failure.
+        reason: String,
+    },
+    /// The trace failed.
+    #[error("trace to {dst} failed: {message}")]
+    TraceFailed {
+        /// The destination.
+        dst: IpAddr,
+        /// The failure kind.
+        kind: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The trace ran but its file could not be written.
+    #[error("trace file not written: {0}")]
+    Store(String),
+    /// The service is shutting down.
+    #[error("aborted: the service is shutting down")]
+    Aborted,
+    /// No such trace.
+    #[error("no trace found for {0}")]
+    NotFound(String),
+}
+
+/// Someone who wants the result of a trace: the event that started it, or one that joined.
+#[derive(Debug)]
+pub struct Requester {
+    id: ConnectionId,
+    labels: BTreeMap<String, String>,
+    reply: Option<oneshot::Sender<Result<Arc<TraceRecord>, PipelineError>>>,
+}
+
+impl Requester {
+    fn answer(self, result: Result<Arc<TraceRecord>, PipelineError>) {
+        if let Some(reply) = self.reply {
+            // The caller may have gone away; the outcome is counted regardless.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// How traces explore the path.
+    pub method: Method,
+    /// Bounds on each trace.
+    pub limits: Limits,
+    /// The IP cache.
+    pub cache: CacheConfig,
+    /// Traces that may wait in the queue.
+    pub queue_capacity: usize,
+    /// Traces that may run at once.
+    pub concurrency: usize,
+    /// Cached copies that may be written at once; reporters wait beyond it.
+    pub cached_writes: usize,
+    /// Prefix of generated ids for on-demand traces.
+    pub on_demand_prefix: String,
+    /// Day directories searched when a trace is looked up by id.
+    pub lookup_days: usize,
+}
+
+/// The queue's receiving end, handed to [`Pipeline::run_workers`].
+#[derive(Debug)]
+pub struct JobQueue(mpsc::Receiver<Job>);
+
+/// A queued trace.
+#[derive(Debug)]
+pub struct Job {
+    flight: Flight,
+    enqueued: Instant,
+}
+
+/// Ownership of a running trace to one destination. Dropped without [`Flight::take_owner`],
+/// it settles the owner and every waiter as aborted.
+#[derive(Debug)]
+struct Flight {
+    pipeline: Arc<Pipeline>,
+    dst: IpAddr,
+    owner: Option<Requester>,
+}
+
+impl Flight {
+    fn take_owner(&mut self) -> Option<Requester> {
+        self.owner.take()
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            let waiters = self.pipeline.cache.abandon(self.dst);
+            self.pipeline
+                .settle_all(owner, waiters, "aborted", None, PipelineError::Aborted);
+        }
+    }
+}
+
+/// The service's data path.
+#[derive(Debug)]
+pub struct Pipeline {
+    tracer: Arc<dyn Tracer>,
+    policy: Arc<Policy>,
+    ids: ConnectionIds,
+    cache: IpCache<Arc<TraceRecord>, Requester>,
+    store: Arc<TraceStore>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    config: PipelineConfig,
+    queue: mpsc::Sender<Job>,
+    cached_writes: Arc<Semaphore>,
+    running: AtomicU64,
+    on_demand_seq: AtomicU64,
+}
+
+impl Pipeline {
+    /// A pipeline and its queue; start the workers with [`Pipeline::run_workers`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tracer: Arc<dyn Tracer>,
+        policy: Arc<Policy>,
+        ids: ConnectionIds,
+        store: Arc<TraceStore>,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        config: PipelineConfig,
+    ) -> (Arc<Self>, JobQueue) {
+        let (queue, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let pipeline = Arc::new(Self {
+            tracer,
+            policy,
+            ids,
+            cache: IpCache::new(config.cache, metrics.cache.clone()),
+            store,
+            hub,
+            metrics: Arc::clone(&metrics),
+            cached_writes: Arc::new(Semaphore::new(config.cached_writes.max(1))),
+            config,
+            queue,
+            running: AtomicU64::new(0),
+            on_demand_seq: AtomicU64::new(0),
+        });
+        (pipeline, JobQueue(rx))
+    }
+
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.tracer.name()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<TraceStore> {
+        &self.store
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// (done entries, in-flight destinations, capacity) of the IP cache.
+    pub fn cache_size(&self) -> (usize, usize, usize) {
+        let (done, in_flight) = self.cache.len();
+        (done, in_flight, self.cache.capacity())
+    }
+
+    /// (queued, queue capacity, running, concurrency).
+    pub fn queue_state(&self) -> (usize, usize, u64, usize) {
+        let capacity = self.queue.max_capacity();
+        (
+            capacity - self.queue.capacity(),
+            capacity,
+            self.running.load(Ordering::Relaxed),
+            self.config.concurrency,
+        )
+    }
+
+    /// Drops expired cache entries and updates the cache gauge.
+    pub fn sweep_cache(&self) {
+        self.cache.sweep();
+        self.metrics.cache_entries.set(self.cache.len().0 as i64);
+    }
+
+    /// Takes in one close event from `source`.
+    pub async fn report(
+        self: &Arc<Self>,
+        raw: RawEvent,
+        source: Source,
+    ) -> Result<Disposition, PipelineError> {
+        let event = raw
+            .validate(&self.ids, SystemTime::now())
+            .inspect_err(|e| {
+                self.metrics
+                    .invalid
+                    .get_or_create(&ReasonLabel { reason: e.label() })
+                    .inc();
+            })?;
+        self.metrics.accepted(source.label());
+        let requester = Requester {
+            id: event.id,
+            labels: event.labels,
+            reply: None,
+        };
+        self.admit(event.remote.ip(), requester, false).await
+    }
+
+    /// Traces `addr` now (or reuses a cached trace when `allow_cached`) and returns the record
+    /// once its file is written.
+    pub async fn trace_now(
+        self: &Arc<Self>,
+        addr: &str,
+        connection_id: &str,
+        allow_cached: bool,
+    ) -> Result<Arc<TraceRecord>, PipelineError> {
+        let dst: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| PipelineError::BadRequest(format!("{addr:?} is not an IP address")))?;
+        let id = if connection_id.is_empty() {
+            let seq = self.on_demand_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            format!("{}_{seq:016X}", self.config.on_demand_prefix)
+        } else {
+            connection_id.to_owned()
+        };
+        let id = self
+            .ids
+            .validate(&id)
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        self.metrics.accepted(Source::OnDemand.label());
+        let (reply, answer) = oneshot::channel();
+        let requester = Requester {
+            id,
+            labels: BTreeMap::new(),
+            reply: Some(reply),
+        };
+        self.admit(dst, requester, !allow_cached).await?;
+        answer.await.unwrap_or(Err(PipelineError::Aborted))
+    }
+
+    /// Reads a stored trace back by connection id.
+    pub async fn get(&self, connection_id: &str) -> Result<TraceRecord, PipelineError> {
+        let id = self
+            .ids
+            .validate(connection_id)
+            .map_err(|e| PipelineError::BadRequest(e.to_string()))?;
+        let store = Arc::clone(&self.store);
+        let days = self.config.lookup_days;
+        let found = tokio::task::spawn_blocking(move || store.find(&id, days))
+            .await
+            .map_err(|e| PipelineError::Store(e.to_string()))?
+            .map_err(|e| PipelineError::Store(e.to_string()))?
+            .ok_or_else(|| PipelineError::NotFound(connection_id.to_owned()))?;
+        TraceRecord::from_file(found, "", BTreeMap::new())
+            .map_err(|e| PipelineError::Store(e.to_string()))
+    }
+
+    /// Policy, then cache, then queue.
+    async fn admit(
+        self: &Arc<Self>,
+        dst: IpAddr,
+        requester: Requester,
+        fresh: bool,
+    ) -> Result<Disposition, PipelineError> {
+        let dst = self.policy.check(dst).map_err(|why| {
+            self.metrics.terminal("refused", Some(why.label()), 1);
+            PipelineError::Refused { dst, why }
+        })?;
+        match self.cache.lookup(dst, requester, fresh) {
+            Lookup::Hit(original, requester) => {
+                self.metrics.traces_skipped.inc();
+                self.spawn_cached_copy(original, requester).await;
+                Ok(Disposition::Cached)
+            }
+            Lookup::Joined => {
+                self.metrics.traces_skipped.inc();
+                Ok(Disposition::Joined)
+            }
+            Lookup::RecentlyFailed(reason, _requester) => {
+                self.metrics.terminal("failed", Some("recent_failure"), 1);
+                Err(PipelineError::RecentlyFailed { dst, reason })
+            }
+            Lookup::TooManyWaiters(_requester) => {
+                self.metrics
+                    .terminal("refused", Some(Refusal::QueueFull.label()), 1);
+                Err(PipelineError::Refused {
+                    dst,
+                    why: Refusal::QueueFull,
+                })
+            }
+            Lookup::Miss(owner) => {
+                let flight = Flight {
+                    pipeline: Arc::clone(self),
+                    dst,
+                    owner: Some(owner),
+                };
+                let job = Job {
+                    flight,
+                    enqueued: Instant::now(),
+                };
+                match self.queue.try_send(job) {
+                    Ok(()) => {
+                        self.metrics.queue_depth.inc();
+                        Ok(Disposition::Scheduled)
+                    }
+                    Err(full) => {
+                        let mut job = full.into_inner();
+                        let owner = job.flight.take_owner();
+                        let waiters = self.cache.abandon(dst);
+                        let why = Refusal::QueueFull;
+                        let error = PipelineError::Refused { dst, why };
+                        // The owner is answered through the returned error.
+                        self.metrics.terminal("refused", Some(why.label()), 1);
+                        drop(owner);
+                        for w in waiters {
+                            self.metrics.terminal("refused", Some(why.label()), 1);
+                            w.answer(Err(error.clone()));
+                        }
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts and answers the owner and waiters of a flight that produced no record.
+    fn settle_all(
+        &self,
+        owner: Requester,
+        waiters: Vec<Requester>,
+        outcome: &'static str,
+        reason: Option<&'static str>,
+        error: PipelineError,
+    ) {
+        self.metrics
+            .terminal(outcome, reason, 1 + waiters.len() as u64);
+        for r in std::iter::once(owner).chain(waiters) {
+            r.answer(Err(error.clone()));
+        }
+    }
+
+    /// Writes a cached copy of `original` for `requester` in the background, holding one of
+    /// the bounded write permits (the caller waits for a permit, not for the write).
+    async fn spawn_cached_copy(self: &Arc<Self>, original: Arc<TraceRecord>, requester: Requester) {
+        let Ok(permit) = Arc::clone(&self.cached_writes).acquire_owned().await else {
+            requester.answer(Err(PipelineError::Aborted));
+            return;
+        };
+        let pipeline = Arc::clone(self);
+        tokio::spawn(async move {
+            pipeline.write_cached_copy(&original, requester).await;
+            drop(permit);
+        });
+    }
+
+    async fn write_cached_copy(&self, original: &Arc<TraceRecord>, requester: Requester) {
+        let store = Arc::clone(&self.store);
+        let (id, measurement) = (requester.id.clone(), original.file.measurement().to_owned());
+        let start = original.summary.start_time;
+        let original_uuid = original.file.metadata.uuid.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            store.write(&id, &measurement, start, Some(&original_uuid))
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(e)));
+        match written {
+            Ok(file) => {
+                let record = self.hub.publish(TraceRecord {
+                    cursor: None,
+                    file,
+                    backend: original.backend.clone(),
+                    summary: original.summary.clone(),
+                    labels: requester.labels.clone(),
+                });
+                self.metrics.terminal("cached", None, 1);
+                requester.answer(Ok(record));
+            }
+            Err(e) => {
+                self.metrics
+                    .traces_error_caching
+                    .get_or_create(&crate::metrics::ErrorLabel { error: e.label() })
+                    .inc();
+                let reason = self.store_failure(&e, &requester.id);
+                self.metrics.terminal("failed", Some(reason), 1);
+                requester.answer(Err(PipelineError::Store(e.to_string())));
+            }
+        }
+    }
+
+    /// Logs and counts a store failure; returns the failure reason label.
+    fn store_failure(&self, e: &StoreError, id: &ConnectionId) -> &'static str {
+        if let StoreError::Exists(_) = e {
+            tracing::warn!(connection_id = %id, "not written: a trace file for this id already exists");
+            return "duplicate_id";
+        }
+        self.metrics.store_write_failures.inc();
+        tracing::error!(connection_id = %id, error = %e, "trace file not written; the service keeps running");
+        "write_failed"
+    }
+
+    /// Runs queued traces, at most `concurrency` at once, until `shutdown` turns true. Then
+    /// queued traces are aborted and running ones get `grace` to finish before they are
+    /// stopped (their process groups killed) and aborted.
+    pub async fn run_workers(
+        self: Arc<Self>,
+        JobQueue(mut queue): JobQueue,
+        mut shutdown: watch::Receiver<bool>,
+        grace: Duration,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&permits).acquire_owned() => p,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let Ok(permit) = permit else { break };
+            let job = tokio::select! {
+                job = queue.recv() => job,
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            };
+            let Some(job) = job else { break };
+            let pipeline = Arc::clone(&self);
+            running.spawn(async move {
+                pipeline.execute(job).await;
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        }
+        queue.close();
+        while let Ok(job) = queue.try_recv() {
+            self.metrics.queue_depth.dec();
+            drop(job);
+        }
+        if tokio::time::timeout(grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                running = running.len(),
+                "shutdown grace over: stopping running traces"
+            );
+            running.shutdown().await;
+        }
+    }
+
+    async fn execute(self: Arc<Self>, mut job: Job) {
+        let dst = job.flight.dst;
+        self.metrics.queue_depth.dec();
+        self.metrics
+            .queue_wait
+            .observe(job.enqueued.elapsed().as_secs_f64());
+        let request = TraceRequest {
+            dst,
+            method: self.config.method,
+            limits: self.config.limits,
+        };
+        self.metrics.traces_in_progress.inc();
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = self.tracer.trace(&request).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.traces_in_progress.dec();
+        self.metrics.traces_performed.inc();
+        self.metrics
+            .trace_time
+            .get_or_create(&OutcomeLabel {
+                outcome: if result.is_ok() { "success" } else { "error" },
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let Some(owner) = job.flight.take_owner() else {
+            return;
+        };
+        let output = match result {
+            Ok(output) => output,
+            Err(e) => return self.trace_failed(dst, owner, e),
+        };
+        let store = Arc::clone(&self.store);
+        let id = owner.id.clone();
+        let lines = output.lines;
+        let start = output.summary.start_time;
+        let written = tokio::task::spawn_blocking(move || store.write(&id, &lines, start, None))
+            .await
+            .unwrap_or_else(|e| Err(join_error(e)));
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                let reason = self.store_failure(&e, &owner.id);
+                let waiters = self.cache.abandon(dst);
+                let error = PipelineError::Store(e.to_string());
+                return self.settle_all(owner, waiters, "failed", Some(reason), error);
+            }
+        };
+        // Durable now: only from here on is the record cached and published.
+        let record = self.hub.publish(TraceRecord {
+            cursor: None,
+            file,
+            backend: self.tracer.name().to_owned(),
+            summary: output.summary,
+            labels: owner.labels.clone(),
+        });
+        let waiters = self.cache.complete(dst, Ok(Arc::clone(&record)), true);
+        self.metrics.terminal("traced", None, 1);
+        owner.answer(Ok(Arc::clone(&record)));
+        for waiter in waiters {
+            self.spawn_cached_copy(Arc::clone(&record), waiter).await;
+        }
+    }
+
+    fn trace_failed(&self, dst: IpAddr, owner: Requester, e: TraceError) {
+        if !matches!(e, TraceError::Timeout(_)) {
+            self.metrics.traces_crashed.inc();
+        }
+        tracing::warn!(%dst, error = %e, "trace failed");
+        // A failure of the destination's trace is remembered for the failure lifetime; one of
+        // this host (no scamper, no namespace) is not the destination's fault.
+        let remember = matches!(
+            e,
+            TraceError::Timeout(_)
+                | TraceError::Exited { .. }
+                | TraceError::Output(_)
+                | TraceError::OutputTooLarge(_)
+        );
+        let waiters = self.cache.complete(dst, Err(e.kind().to_owned()), remember);
+        let error = PipelineError::TraceFailed {
+            dst,
+            kind: e.kind(),
+            message: e.to_string(),
+        };
+        self.settle_all(owner, waiters, "failed", Some(e.kind()), error);
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io {
+        op: "write (task failed)",
+        path: Default::default(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}

@@ -1,0 +1,338 @@
+//! `hoptrace serve`: assembles the pipeline, the gRPC API (with health and reflection) and
+//! the admin HTTP server, and shuts them down in order.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use axum::{Router, routing::get};
+use hoptrace_backends::{NetNs, ScamperOptions, ScamperProcess, Tracer};
+use prometheus_client::registry::Registry;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tower::ServiceBuilder;
+
+use crate::{
+    config::{BackendKind, ConfigError, ServeArgs},
+    conn_id::ConnectionIds,
+    event::{InvalidEvent, Source},
+    grpc::HoptraceService,
+    hub::{Hub, HubConfig},
+    metrics::{Metrics, render},
+    pipeline::{FAILURE_REASONS, Pipeline, PipelineConfig},
+    policy::{Policy, Refusal, interface_addresses},
+    proto::{self, hoptrace_server::HoptraceServer},
+    store::TraceStore,
+};
+
+/// How often this host's addresses are re-read and the cache swept.
+const HOUSEKEEPING: Duration = Duration::from_secs(30);
+
+/// Largest response (a record holds a whole trace file, at most the ETL's 90 MB).
+const MAX_RESPONSE_BYTES: usize = 96 * 1024 * 1024;
+
+/// gRPC requests served at once across all connections; beyond it they wait.
+const MAX_CONCURRENT_REQUESTS: usize = 4096;
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting cannot work (exit status 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin HTTP server listens.
+    pub admin_addr: SocketAddr,
+    /// The pipeline (for tests and status).
+    pub pipeline: Arc<Pipeline>,
+    stop: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    workers: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The addresses of this host (and of the probe namespace), which are never traced.
+fn own_addresses(netns: Option<&NetNs>) -> Vec<std::net::IpAddr> {
+    let mut addrs = interface_addresses();
+    if let Some(ns) = netns {
+        addrs.extend(ns.run_inside(interface_addresses).unwrap_or_default());
+    }
+    addrs
+}
+
+fn on_demand_prefix(started: SystemTime) -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let secs = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("trace-{host}_{secs}")
+}
+
+/// Checks the settings, opens everything they name, binds both listeners and starts serving.
+/// Everything that can be wrong with the configuration is reported before anything binds.
+pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
+    args.validate()?;
+    let config_err = |e: String| StartError::Config(ConfigError(e));
+    let netns = args
+        .netns
+        .as_deref()
+        .map(NetNs::open)
+        .transpose()
+        .map_err(|e| config_err(format!("--netns: {e}")))?
+        .map(Arc::new);
+    let tracer: Arc<dyn Tracer> = match args.backend {
+        BackendKind::Scamper => Arc::new(ScamperProcess::new(
+            ScamperOptions {
+                binary: args.scamper_bin.clone().into_os_string(),
+                pps: args.scamper_pps,
+            },
+            netns.clone(),
+        )),
+    };
+    let store = Arc::new(
+        TraceStore::open(&args.output_dir, args.version_tag.clone())
+            .map_err(|e| config_err(format!("--output-dir: {e}")))?,
+    );
+    let ids = ConnectionIds::new(&args.conn_id_pattern)
+        .map_err(|e| config_err(format!("--conn-id-pattern: {e}")))?;
+
+    let sources: Vec<_> = Source::ALL.iter().map(|s| s.label()).collect();
+    let refusals: Vec<_> = Refusal::ALL.iter().map(|r| r.label()).collect();
+    let (metrics, registry) =
+        Metrics::new(&sources, &refusals, &FAILURE_REASONS, &InvalidEvent::LABELS);
+    let metrics = Arc::new(metrics);
+
+    let policy = Arc::new(Policy::new(args.allow_private, args.deny.clone()));
+    policy.set_own_addresses(own_addresses(netns.as_deref()));
+
+    let started = SystemTime::now();
+    let run = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let hub = Arc::new(Hub::new(
+        run,
+        HubConfig {
+            queue: args.subscriber_queue,
+            retention: args.retention,
+        },
+        metrics.hub.clone(),
+    ));
+    let (pipeline, queue) = Pipeline::new(
+        tracer,
+        Arc::clone(&policy),
+        ids,
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        Arc::clone(&metrics),
+        PipelineConfig {
+            method: args.method,
+            limits: args.limits(),
+            cache: args.cache(),
+            queue_capacity: args.queue_capacity,
+            concurrency: args.concurrency,
+            cached_writes: 64,
+            on_demand_prefix: on_demand_prefix(started),
+            lookup_days: 31,
+        },
+    );
+
+    let grpc_listener =
+        TcpListener::bind(args.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: args.listen,
+                source,
+            })?;
+    let admin_listener = TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: args.admin_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: args.admin_listen,
+            source,
+        })?;
+
+    let (stop, stopped) = watch::channel(false);
+    let workers = tokio::spawn(Arc::clone(&pipeline).run_workers(
+        queue,
+        stopped.clone(),
+        args.shutdown_grace,
+    ));
+
+    let housekeeping = {
+        let (pipeline, policy, mut stopped) = (Arc::clone(&pipeline), policy, stopped.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
+                pipeline.sweep_cache();
+                let ns = netns.clone();
+                if let Ok(addrs) =
+                    tokio::task::spawn_blocking(move || own_addresses(ns.as_deref())).await
+                {
+                    policy.set_own_addresses(addrs);
+                }
+            }
+        })
+    };
+
+    let admin = tokio::spawn(serve_admin(admin_listener, registry, stopped.clone()));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<HoptraceServer<HoptraceService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| config_err(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| config_err(format!("reflection: {e}")))?;
+    let api = HoptraceServer::new(HoptraceService::new(
+        Arc::clone(&pipeline),
+        args.version_tag.clone(),
+    ))
+    .max_decoding_message_size(args.max_request_bytes)
+    .max_encoding_message_size(MAX_RESPONSE_BYTES);
+
+    let grpc = {
+        let mut stopped = stopped.clone();
+        let hub = Arc::clone(&hub);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(
+                    ServiceBuilder::new()
+                        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                            MAX_CONCURRENT_REQUESTS,
+                        ))
+                        .into_inner(),
+                )
+                .add_service(health)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(api)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                    // Subscriptions never end on their own: end them so the server's
+                    // graceful shutdown can finish.
+                    hub.close();
+                }),
+        )
+    };
+    tracing::info!(%grpc_addr, %admin_addr, backend = pipeline.backend(), output = %store.root().display(), "hoptrace serving");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        pipeline,
+        stop,
+        grpc,
+        workers,
+        tasks: vec![housekeeping, admin],
+    })
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    registry: Registry,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let registry = Arc::new(registry);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = Arc::clone(&registry);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        render(&registry),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+impl Running {
+    /// Stops the service: no new requests, subscriptions ended, queued traces aborted,
+    /// running traces given the shutdown grace, then stopped.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.workers.await;
+        match tokio::time::timeout(Duration::from_secs(5), self.grpc).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("gRPC connections still open after 5s; closing them"),
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        tracing::info!("hoptrace stopped");
+    }
+
+    /// Serves until `signal` completes, then shuts down.
+    pub async fn serve_until(self, signal: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = signal => {}
+            _ = self.stop.closed() => {}
+        }
+        self.shutdown().await;
+    }
+}
