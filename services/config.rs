@@ -78,6 +78,11 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_PROBE_BUDGET", default_value_t = 3000)]
     pub probe_budget: u32,
 
+    /// First source port of the probes (fixes which ECMP paths they hash to); the backend
+    /// picks one when unset.
+    #[arg(long, env = "HOPTRACE_SOURCE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub source_port: Option<u16>,
+
     /// Deadline of one trace; past it the trace is stopped and fails.
     #[arg(long, env = "HOPTRACE_TRACE_TIMEOUT", default_value = "120s", value_parser = duration)]
     pub trace_timeout: Duration,

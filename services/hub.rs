@@ -287,7 +287,13 @@ impl Hub {
                 };
                 out.send(event).await?;
             }
-            while let Some(record) = live.recv().await {
+            loop {
+                let record = tokio::select! {
+                    record = live.recv() => record,
+                    // A subscriber that went away ends its task now, not at the next record.
+                    () = out.closed() => return Ok(()),
+                };
+                let Some(record) = record else { break };
                 let seq = record.cursor.map_or(0, |c| c.seq);
                 if last.is_some_and(|l| seq <= l) {
                     continue;
@@ -302,5 +308,181 @@ impl Hub {
             }
             fell_behind = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn_id::ConnectionIds;
+
+    const LINES: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/backends/tests/fixtures/scamper-20211212/trace-icmp-paris.json"
+    ));
+
+    struct Setup {
+        hub: Arc<Hub>,
+        store: Arc<TraceStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup(queue: usize, retention: usize) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(TraceStore::open(dir.path(), "v").expect("store"));
+        let hub = Arc::new(Hub::new(
+            7,
+            HubConfig { queue, retention },
+            HubCounters::default(),
+        ));
+        Setup {
+            hub,
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn publish(s: &Setup, n: u64) {
+        let ids = ConnectionIds::default();
+        let id = ids.validate(&format!("h_1_{n:016X}")).expect("id");
+        let file = s
+            .store
+            .write(&id, LINES, 1_795_314_448, None)
+            .expect("write");
+        let record = TraceRecord::from_file(file, "scamper", BTreeMap::new()).expect("record");
+        s.hub.publish(record);
+    }
+
+    async fn attached(hub: &Hub, n: usize) {
+        for _ in 0..1000 {
+            if hub.live_subscribers() == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!(
+            "subscriber never attached: {} live, wanted {n}",
+            hub.live_subscribers()
+        );
+    }
+
+    /// Drains `rx` until `records` records arrived; returns their sequence numbers and lags.
+    async fn collect(
+        rx: &mut mpsc::Receiver<SubscriptionEvent>,
+        records: usize,
+    ) -> (Vec<u64>, Vec<Lag>) {
+        let (mut seqs, mut lags) = (Vec::new(), Vec::new());
+        while seqs.len() < records {
+            match rx.recv().await.expect("subscription open") {
+                SubscriptionEvent::Record(r) => seqs.push(r.cursor.expect("cursor").seq),
+                SubscriptionEvent::Lag(l) => lags.push(l),
+            }
+        }
+        (seqs, lags)
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscriber_never_blocks_publishing_and_catches_up_exactly_once() {
+        let s = setup(2, 1000);
+        let mut slow = s
+            .hub
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1);
+        let mut fast = s
+            .hub
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 100);
+        attached(&s.hub, 2).await;
+        // 50 records while nobody reads: publishing never waits on a subscriber.
+        for n in 1..=50 {
+            publish(&s, n);
+            tokio::task::yield_now().await;
+            let _ = fast.try_recv().map(drop);
+        }
+        assert!(
+            s.hub.live_subscribers() < 2,
+            "the stalled subscriber is cut off"
+        );
+        let (seqs, lags) = collect(&mut slow, 50).await;
+        assert_eq!(
+            seqs,
+            (1..=50).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        assert!(!lags.is_empty(), "the subscriber is told it fell behind");
+        assert!(lags.iter().all(|l| l.missed == 0), "{lags:?}");
+        // Caught up, it is back on the live stream.
+        publish(&s, 51);
+        let (seqs, _) = collect(&mut slow, 1).await;
+        assert_eq!(seqs, [51]);
+    }
+
+    #[tokio::test]
+    async fn beyond_the_retention_the_subscriber_is_told_how_many_it_missed() {
+        let s = setup(2, 10);
+        let mut slow = s
+            .hub
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1);
+        attached(&s.hub, 1).await;
+        for n in 1..=30 {
+            publish(&s, n);
+            tokio::task::yield_now().await;
+        }
+        let mut got = Vec::new();
+        let mut missed = 0;
+        while got.len() + missed < 30 {
+            match slow.recv().await.expect("open") {
+                SubscriptionEvent::Record(r) => got.push(r.cursor.expect("cursor").seq),
+                SubscriptionEvent::Lag(l) => missed += l.missed as usize,
+            }
+        }
+        assert_eq!(got.len() + missed, 30, "{got:?}");
+        assert!(missed > 0);
+        assert_eq!(got.last(), Some(&30));
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn resuming_replays_from_the_store_with_filters_and_a_foreign_cursor_is_flagged() {
+        let s = setup(16, 100);
+        for n in 1..=5 {
+            publish(&s, n);
+        }
+        let after = Some(Cursor { run: 7, seq: 2 });
+        let mut resumed = s
+            .hub
+            .subscribe(Arc::clone(&s.store), after, Filter::default(), 16);
+        let (seqs, lags) = collect(&mut resumed, 3).await;
+        assert_eq!(seqs, [3, 4, 5]);
+        assert!(lags.is_empty());
+
+        let none = Filter {
+            backend: Some("engine".into()),
+            ..Filter::default()
+        };
+        let mut filtered = s.hub.subscribe(
+            Arc::clone(&s.store),
+            Some(Cursor { run: 7, seq: 0 }),
+            none,
+            16,
+        );
+        attached(&s.hub, 2).await;
+        publish(&s, 6);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), filtered.recv())
+                .await
+                .is_err(),
+            "filtered records are not delivered"
+        );
+
+        let foreign = Some(Cursor { run: 6, seq: 99 });
+        let mut rx = s
+            .hub
+            .subscribe(Arc::clone(&s.store), foreign, Filter::default(), 16);
+        let first = rx.recv().await.expect("event");
+        assert!(
+            matches!(first, SubscriptionEvent::Lag(ref l) if l.reason.contains("earlier run")),
+            "{first:?}"
+        );
+        let (seqs, _) = collect(&mut rx, 6).await;
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     }
 }

@@ -130,6 +130,8 @@ pub struct PipelineConfig {
     pub method: Method,
     /// Bounds on each trace.
     pub limits: Limits,
+    /// First source port of the probes, if fixed.
+    pub source_port: Option<u16>,
     /// The IP cache.
     pub cache: CacheConfig,
     /// Traces that may wait in the queue.
@@ -544,6 +546,7 @@ impl Pipeline {
             dst,
             method: self.config.method,
             limits: self.config.limits,
+            source_port: self.config.source_port,
         };
         self.metrics.traces_in_progress.inc();
         self.running.fetch_add(1, Ordering::Relaxed);

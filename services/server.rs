@@ -156,6 +156,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         PipelineConfig {
             method: args.method,
             limits: args.limits(),
+            source_port: args.source_port,
             cache: args.cache(),
             queue_capacity: args.queue_capacity,
             concurrency: args.concurrency,

@@ -50,7 +50,9 @@ impl Drop for GroupKiller {
 ///
 /// The group is killed with SIGKILL before the child is reaped — at the deadline, on an error,
 /// and after a normal exit (helpers it forked must not outlive it). Killing before reaping
-/// means the group id cannot have been reused by an unrelated process.
+/// means the group id cannot have been reused by an unrelated process. After the output ends
+/// the child is given until the deadline to exit by itself (a program may close stdout
+/// before it exits), so a clean run keeps its own exit status.
 pub(crate) async fn run(
     program: &OsStr,
     args: &[String],
@@ -88,7 +90,9 @@ pub(crate) async fn run(
     };
 
     let outputs = tokio::time::timeout(deadline, async {
-        tokio::join!(drain(stdout, max_stdout), drain(stderr, STDERR_KEEP))
+        let outputs = tokio::join!(drain(stdout, max_stdout), drain(stderr, STDERR_KEEP));
+        exited(pid).await;
+        outputs
     })
     .await;
     group.kill();
@@ -105,6 +109,20 @@ pub(crate) async fn run(
         stdout,
         stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
     })
+}
+
+/// Returns once process `pid` (our child) has exited, without reaping it: its pid, and so its
+/// process group id, stays reserved until we wait for it.
+async fn exited(pid: u32) {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    // The output has ended, so the exit is normally a matter of microseconds: poll, backing
+    // off to 10 ms; the caller's deadline bounds the loop.
+    let mut pause = Duration::from_micros(50);
+    while let Ok(WaitStatus::StillAlive) = waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
 }
 
 /// Reads `reader` to its end, keeping the first `keep` bytes; also says whether there was more.
@@ -148,6 +166,23 @@ mod tests {
         assert_eq!(done.stdout, b"out");
         assert_eq!(done.stderr, "err");
         assert_eq!(done.status.code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_program_that_closes_stdout_before_exiting_keeps_its_exit_status() {
+        for _ in 0..20 {
+            let done = run(
+                OsStr::new("sh"),
+                &sh("printf out; exec >&-; sleep 0.05; exit 7"),
+                None,
+                Duration::from_secs(10),
+                1024,
+            )
+            .await
+            .expect("runs");
+            assert_eq!(done.stdout, b"out");
+            assert_eq!(done.status.code(), Some(7), "killed instead of exiting");
+        }
     }
 
     #[tokio::test]

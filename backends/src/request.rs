@@ -113,6 +113,9 @@ pub struct TraceRequest {
     pub method: Method,
     /// Bounds on the trace.
     pub limits: Limits,
+    /// The first source port of the probes' flow identifiers; the backend chooses when
+    /// `None`. Fixing it makes the paths that ECMP hashing picks repeatable.
+    pub source_port: Option<u16>,
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ pub fn command(request: &TraceRequest) -> String {
     let limits = &request.limits;
     let wait = limits.wait.as_secs().clamp(1, 20);
     let attempts = limits.attempts.max(1);
+    let sport = request
+        .source_port
+        .map_or_else(String::new, |port| format!("-s {port} "));
     match request.method {
         Method::Paris(probe) => {
             let method = match probe {
@@ -44,7 +47,7 @@ pub fn command(request: &TraceRequest) -> String {
                 Probe::Tcp => "tcp",
             };
             format!(
-                "trace -P {method} -q {attempts} -w {wait} -m {} {}",
+                "trace -P {method} -q {attempts} -w {wait} -m {} {sport}{}",
                 limits.max_ttl.max(1),
                 request.dst
             )
@@ -56,7 +59,7 @@ pub fn command(request: &TraceRequest) -> String {
                 Probe::Tcp => "tcp-sport",
             };
             format!(
-                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {}",
+                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {sport}{}",
                 limits.probe_budget.max(1),
                 request.dst
             )
@@ -137,6 +140,7 @@ mod tests {
                 probe_budget: 500,
                 deadline: Duration::from_secs(30),
             },
+            source_port: None,
         }
     }
 
@@ -157,6 +161,14 @@ mod tests {
         assert_eq!(
             command(&request(Method::Mda(Probe::Udp))),
             "tracelb -P udp-sport -q 3 -w 1 -Q 500 192.0.2.7"
+        );
+        let fixed = TraceRequest {
+            source_port: Some(40000),
+            ..request(Method::Mda(Probe::Tcp))
+        };
+        assert_eq!(
+            command(&fixed),
+            "tracelb -P tcp-sport -q 3 -w 1 -Q 500 -s 40000 192.0.2.7"
         );
     }
 

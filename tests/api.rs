@@ -1,0 +1,363 @@
+//! The gRPC API and the service's failure paths, without sending a probe: malformed and refused
+//! events, health and reflection, oversized messages, a full disk, and a bad configuration. Real traces in a namespace lab are in `lab_traces.rs`.
+
+mod common;
+
+use std::process::Command as Process;
+
+use common::{
+    lab::require_root,
+    server::{self, assert_accounted, event, fake_scamper, outcomes},
+};
+use hoptrace::proto::{self, Disposition};
+use tonic::Code;
+
+#[tokio::test]
+async fn malformed_and_refused_events_get_clear_statuses_and_no_file() {
+    // No trace may run in this test: a scamper that cannot start would fail it loudly.
+    let mut s = server::start(&["--scamper-bin", "/nonexistent/scamper"]).await;
+    let cases: Vec<(proto::CloseEvent, Code, &str)> = vec![
+        (
+            event("../../etc/x", "8.8.8.8"),
+            Code::InvalidArgument,
+            "connection id",
+        ),
+        (event("", "8.8.8.8"), Code::InvalidArgument, "empty"),
+        (
+            proto::CloseEvent {
+                remote_addr: "not-an-address".into(),
+                ..event("a_1_1", "8.8.8.8")
+            },
+            Code::InvalidArgument,
+            "remote_addr",
+        ),
+        (
+            proto::CloseEvent {
+                remote_port: 70000,
+                ..event("a_1_2", "8.8.8.8")
+            },
+            Code::InvalidArgument,
+            "remote_port",
+        ),
+        (
+            event("a_1_3", "127.0.0.1"),
+            Code::FailedPrecondition,
+            "loopback",
+        ),
+        (event("a_1_4", "::1"), Code::FailedPrecondition, "loopback"),
+        (
+            event("a_1_5", "10.1.2.3"),
+            Code::FailedPrecondition,
+            "private",
+        ),
+        (
+            event("a_1_6", "192.0.2.1"),
+            Code::FailedPrecondition,
+            "documentation",
+        ),
+        (
+            event("a_1_7", "::ffff:169.254.0.9"),
+            Code::FailedPrecondition,
+            "link-local",
+        ),
+        (
+            event("a_1_8", "fe80::1"),
+            Code::FailedPrecondition,
+            "link-local",
+        ),
+        (
+            event("a_1_9", "224.0.0.1"),
+            Code::FailedPrecondition,
+            "multicast",
+        ),
+    ];
+    for (ev, code, needle) in cases {
+        let id = ev.connection_id.clone();
+        let err = s.client.report_close(ev).await.expect_err("refused");
+        assert_eq!(err.code(), code, "{id}: {}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{id}: {:?} lacks {needle:?}",
+            err.message()
+        );
+    }
+
+    // The streaming call never ends on a bad event: it counts and lists them.
+    let events = vec![
+        event("b_1_1", "127.0.0.2"),
+        event("b/1/2", "8.8.8.8"),
+        event("b_1_3", "100.64.1.1"),
+    ];
+    let summary = s
+        .client
+        .report_closes(futures::stream::iter(events))
+        .await
+        .expect("stream summary")
+        .into_inner();
+    assert_eq!(summary.received, 3);
+    assert_eq!(summary.dispositions.get("REFUSED"), Some(&2));
+    assert_eq!(summary.dispositions.get("INVALID"), Some(&1));
+    let listed: Vec<u64> = summary.rejections.iter().map(|r| r.index).collect();
+    assert_eq!(listed, [0, 1, 2]);
+    assert_eq!(
+        summary.rejections[1].disposition,
+        Disposition::Invalid as i32
+    );
+
+    let status = s.status().await;
+    let o = outcomes(&status);
+    assert_eq!((o.accepted, o.refused, o.invalid), (9, 9, 5), "{o:?}");
+    assert_eq!(status.refused_by_reason.get("loopback"), Some(&3));
+    assert_eq!(status.refused_by_reason.get("shared_cgnat"), Some(&1));
+    assert_eq!(status.events_by_source.get("grpc_stream"), Some(&2));
+    assert_accounted(&status);
+    let metrics = reqwest_metrics(s.running.admin_addr).await;
+    assert!(
+        metrics.contains("hoptrace_refusals_total{reason=\"loopback\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hoptrace_events_invalid_total{reason=\"connection_id\"} 3"),
+        "{metrics}"
+    );
+
+    let files = s.files();
+    assert!(files.iter().all(|f| !f.ends_with(".jsonl")), "{files:?}");
+    s.stop().await;
+}
+
+/// GET /metrics from the admin server with a bare HTTP/1.0 request.
+async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connects");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.expect("read");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    body
+}
+
+#[tokio::test]
+async fn health_and_both_reflection_versions_answer() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let s = server::start(&[]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", s.running.grpc_addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    for service in ["", "hoptrace.v1.Hoptrace"] {
+        let reply = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(reply.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("v1 reflection")
+            .into_inner();
+        let reply = replies.message().await.expect("reply").expect("one reply");
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected reply {reply:?}");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"hoptrace.v1.Hoptrace".to_owned()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_owned()),
+            "{names:?}"
+        );
+    }
+    {
+        // grpcurl 1.8 speaks only v1alpha.
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "hoptrace.v1.Hoptrace".into(),
+            )),
+        };
+        let mut replies = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("v1alpha reflection")
+            .into_inner();
+        let reply = replies.message().await.expect("reply").expect("one reply");
+        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+            panic!("unexpected reply {reply:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
+    let mut s = server::start(&["--max-request-bytes", "4096"]).await;
+    let mut big = event("c_1_1", "8.8.8.8");
+    big.labels.insert("blob".into(), "x".repeat(10_000));
+    let err = s.client.report_close(big).await.expect_err("too large");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{:?}: {}",
+        err.code(),
+        err.message()
+    );
+    // Labels within the message limit but over the per-event bound are invalid, not fatal.
+    let mut many = event("c_1_2", "127.0.0.1");
+    many.labels = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
+    let err = s
+        .client
+        .report_close(many)
+        .await
+        .expect_err("too many labels");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert_eq!(outcomes(&s.status().await).invalid, 1);
+    s.stop().await;
+}
+
+/// A tmpfs mount that is unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Process::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_a_counted_error_that_leaves_no_partial_file() {
+    if !require_root("a_full_disk_is_a_counted_error_that_leaves_no_partial_file") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    let ok = Process::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "hoptrace-test"])
+        .arg(&out)
+        .status()
+        .expect("mount runs");
+    assert!(ok.success(), "mount tmpfs failed");
+    let _mount = Mount(out.clone());
+    let replay = fake_scamper("replay", dir.path());
+    let mut s = server::start_in(dir, &["--scamper-bin", &replay, "--allow-private"]).await;
+
+    // Fill the disk.
+    let filler = out.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 64 * 1024]);
+    let err = s
+        .client
+        .trace(proto::TraceRequest {
+            address: "10.77.100.5".into(),
+            connection_id: "full_1_0000000000000001".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("disk full");
+    assert_eq!(err.code(), Code::Internal, "{}", err.message());
+    assert!(err.message().contains("No space left"), "{}", err.message());
+    let status = s.status().await;
+    assert_eq!(status.store_write_failures, 1);
+    assert_eq!(status.failed_by_reason.get("write_failed"), Some(&1));
+    let leftovers: Vec<_> = s.files().into_iter().filter(|f| f != "filler").collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+
+    // Space comes back: the service kept running and writes again.
+    std::fs::remove_file(&filler).expect("free space");
+    let record = s
+        .client
+        .trace(proto::TraceRequest {
+            address: "10.77.100.5".into(),
+            connection_id: "full_1_0000000000000002".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("written once there is room")
+        .into_inner();
+    assert!(
+        record.path.ends_with("_full_1_0000000000000002.jsonl"),
+        "{}",
+        record.path
+    );
+    assert_accounted(&s.status().await);
+    s.stop().await;
+}
+
+#[test]
+fn a_bad_configuration_exits_64_before_binding() {
+    // Hold a port: a configuration error must be reported, not a bind error.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").to_string();
+    let held_admin = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let admin = held_admin.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("out");
+    let out_dir = out_dir.to_str().expect("utf-8");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--probe-wait", "0s"], "--probe-wait"),
+        (&["--probe-wait", "soon"], "--probe-wait"),
+        (&["--netns", "hoptrace-no-such-namespace"], "--netns"),
+        (&["--netns", "../etc"], "--netns"),
+        (&["--method", "paris-sctp"], "unknown method"),
+        (&["--deny", "10.0.0.0/33"], "--deny"),
+        (&["--concurrency", "0"], "--concurrency"),
+        (&["--conn-id-pattern", "(unclosed"], "--conn-id-pattern"),
+        (&["--listen", "nowhere"], "--listen"),
+        (&["--bogus-flag"], "--bogus-flag"),
+    ];
+    for (flags, needle) in cases {
+        let out = Process::new(env!("CARGO_BIN_EXE_hoptrace"))
+            .arg("serve")
+            .args([
+                "--listen",
+                &port,
+                "--admin-listen",
+                &admin,
+                "--output-dir",
+                out_dir,
+            ])
+            .args(*flags)
+            .env_remove("HOPTRACE_NETNS")
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{flags:?}: {stderr}");
+        assert!(stderr.contains(needle), "{flags:?}: {stderr}");
+    }
+    let help = Process::new(env!("CARGO_BIN_EXE_hoptrace"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("runs");
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("HOPTRACE_NETNS"));
+}

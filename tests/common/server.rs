@@ -1,0 +1,188 @@
+//! An in-process hoptrace server on 127.0.0.1:0, configured through the real command line.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+use hoptrace::{
+    cli::{Cli, Command},
+    proto::{self, hoptrace_client::HoptraceClient},
+    server::{self, Running},
+};
+use tonic::transport::Channel;
+
+pub struct TestServer {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+    pub client: HoptraceClient<Channel>,
+}
+
+/// `serve` flags every test server gets; `extra` adds to or overrides them.
+pub async fn start(extra: &[&str]) -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    start_in(dir, extra).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> TestServer {
+    let out = dir.path().join("out");
+    let out = out.to_str().expect("utf-8 path").to_owned();
+    let mut argv = vec![
+        "hoptrace",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--output-dir",
+        &out,
+        "--log",
+        "warn",
+    ];
+    argv.extend_from_slice(extra);
+    let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags parse").command else {
+        unreachable!("serve parses to Serve")
+    };
+    let running = server::start(*args).await.expect("server starts");
+    let channel = Channel::from_shared(format!("http://{}", running.grpc_addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connects");
+    TestServer {
+        running,
+        dir,
+        client: HoptraceClient::new(channel).max_decoding_message_size(96 << 20),
+    }
+}
+
+impl TestServer {
+    pub fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// Every file under the output root, relative paths, sorted.
+    pub fn files(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(root, &path, out);
+                } else {
+                    let rel = path.strip_prefix(root).expect("under root");
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(&self.out(), &self.out(), &mut files);
+        files.sort();
+        files
+    }
+
+    pub async fn status(&mut self) -> proto::StatusResponse {
+        self.client
+            .status(proto::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
+    /// Polls status until `done` holds (every 20 ms, at most `limit`); panics with the last
+    /// status otherwise.
+    pub async fn wait_status(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&proto::StatusResponse) -> bool,
+    ) -> proto::StatusResponse {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached within {limit:?}; last status: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The stored record for a connection id.
+    pub async fn get(&mut self, id: &str) -> proto::TraceRecord {
+        self.client
+            .get_trace(proto::GetTraceRequest {
+                connection_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{id} not stored: {e}"))
+            .into_inner()
+    }
+
+    /// An on-demand trace of `address`.
+    pub async fn trace(
+        &mut self,
+        address: &str,
+        allow_cached: bool,
+    ) -> Result<proto::TraceRecord, tonic::Status> {
+        self.client
+            .trace(proto::TraceRequest {
+                address: address.into(),
+                connection_id: String::new(),
+                allow_cached,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.running.shutdown().await;
+        self.dir
+    }
+}
+
+/// A close event from the lab client (10.77.1.1:443 or fd77:1::1) to `remote`.
+pub fn event(id: &str, remote: &str) -> proto::CloseEvent {
+    let remote: std::net::IpAddr = remote.parse().expect("remote parses");
+    let v4 = remote.to_canonical().is_ipv4();
+    proto::CloseEvent {
+        connection_id: id.to_owned(),
+        local_addr: if v4 { "10.77.1.1" } else { "fd77:1::1" }.to_owned(),
+        local_port: 443,
+        remote_addr: remote.to_string(),
+        remote_port: 40000,
+        close_time: None,
+        labels: Default::default(),
+    }
+}
+
+/// The outcome counters of a status.
+pub fn outcomes(s: &proto::StatusResponse) -> proto::Outcomes {
+    s.outcomes.expect("outcomes")
+}
+
+/// Every accepted event is in exactly one terminal state (or still pending).
+pub fn assert_accounted(s: &proto::StatusResponse) {
+    let o = outcomes(s);
+    assert_eq!(
+        o.accepted,
+        o.traced + o.cached + o.refused + o.failed + o.aborted + o.pending,
+        "{o:?}"
+    );
+}
+
+/// Copies a fake scamper from `tests/fixtures/fake-scamper` into `dir`; returns its path.
+pub fn fake_scamper(name: &str, dir: &Path) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fake-scamper")
+        .join(name);
+    let dst = dir.join(name);
+    if name == "replay" {
+        // It finds the recorded trace relative to the repository, so it runs in place.
+        return src.to_str().expect("utf-8").to_owned();
+    }
+    std::fs::copy(&src, &dst).expect("copy fake scamper");
+    dst.to_str().expect("utf-8").to_owned()
+}
