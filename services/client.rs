@@ -60,16 +60,25 @@ pub fn record_summary(r: &proto::TraceRecord) -> serde_json::Value {
         "path": r.path,
         "hops": hops,
         "links": links,
+        "labels": r.labels,
     })
 }
 
-fn print_record(out: &mut impl Write, r: &proto::TraceRecord, format: RecordFormat) -> Result<()> {
-    match format {
-        RecordFormat::Summary => writeln!(out, "{}", record_summary(r))?,
-        RecordFormat::File => out.write_all(r.contents.as_bytes())?,
-    }
+/// Writes to stdout and flushes (a subscriber's reader sees each record at once). A closed
+/// pipe (`hoptrace subscribe | head`) surfaces as an `io::Error` of kind `BrokenPipe`, which
+/// `main` treats as a normal end.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+fn print_record(r: &proto::TraceRecord, format: RecordFormat) -> Result<()> {
+    match format {
+        RecordFormat::Summary => emit(&format!("{}\n", record_summary(r))),
+        RecordFormat::File => emit(&r.contents),
+    }
 }
 
 /// `hoptrace trace`.
@@ -84,7 +93,7 @@ pub async fn trace(args: TraceArgs) -> Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    print_record(&mut std::io::stdout().lock(), &record, args.format)
+    print_record(&record, args.format)
 }
 
 /// `hoptrace subscribe`.
@@ -107,7 +116,7 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<()> {
         };
         match message.event {
             Some(proto::subscribe_response::Event::Record(r)) => {
-                print_record(&mut std::io::stdout().lock(), &r, args.format)?;
+                print_record(&r, args.format)?;
                 printed += 1;
             }
             Some(proto::subscribe_response::Event::Lag(lag)) => {
@@ -141,11 +150,10 @@ pub async fn report(args: ReportArgs) -> Result<()> {
     let disposition = proto::Disposition::try_from(reply.disposition).map_or("UNKNOWN", |d| {
         d.as_str_name().trim_start_matches("DISPOSITION_")
     });
-    println!(
-        "{}",
+    emit(&format!(
+        "{}\n",
         json!({"disposition": disposition, "reason": reply.reason})
-    );
-    Ok(())
+    ))
 }
 
 /// `hoptrace status`.
@@ -159,8 +167,8 @@ pub async fn status(args: ClientArgs) -> Result<()> {
     let cache = s.cache.unwrap_or_default();
     let queue = s.queue.unwrap_or_default();
     let o = s.outcomes.unwrap_or_default();
-    println!(
-        "{:#}",
+    emit(&format!(
+        "{:#}\n",
         json!({
             "version": s.version,
             "backend": s.backend,
@@ -175,6 +183,5 @@ pub async fn status(args: ClientArgs) -> Result<()> {
             "subscribers": s.subscribers,
             "store_write_failures": s.store_write_failures,
         })
-    );
-    Ok(())
+    ))
 }

@@ -82,8 +82,14 @@ async fn main() -> ExitCode {
         Command::Report(args) => client::report(args).await,
         Command::Status(args) => client::status(args).await,
     };
+    let broken_pipe = |e: &anyhow::Error| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): a normal end for a command-line tool.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hoptrace: {e:#}");
             ExitCode::FAILURE

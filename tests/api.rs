@@ -361,3 +361,103 @@ fn a_bad_configuration_exits_64_before_binding() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("HOPTRACE_NETNS"));
 }
+
+#[tokio::test]
+async fn shutdown_aborts_queued_and_running_traces_and_counts_them() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let hang = fake_scamper("hang", tools.path());
+    let mut s = server::start(&[
+        "--scamper-bin",
+        &hang,
+        "--trace-timeout",
+        "60s",
+        "--allow-private",
+        "--concurrency",
+        "1",
+        "--shutdown-grace",
+        "100ms",
+    ])
+    .await;
+    for i in 1..=3 {
+        let reply = s
+            .client
+            .report_close(event(&format!("e_1_{i}"), &format!("10.77.100.{i}")))
+            .await
+            .expect("accepted")
+            .into_inner();
+        assert_eq!(reply.disposition, Disposition::Scheduled as i32);
+    }
+    s.wait_status(std::time::Duration::from_secs(10), |st| {
+        st.queue.is_some_and(|q| q.running == 1 && q.depth == 2)
+    })
+    .await;
+    let pid =
+        common::procs::read_pid_file(&format!("{hang}.pid"), std::time::Duration::from_secs(10))
+            .await;
+    let pipeline = std::sync::Arc::clone(&s.running.pipeline);
+    let started = std::time::Instant::now();
+    s.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pipeline.metrics().outcome("aborted"), 3);
+    assert_eq!(pipeline.metrics().outcome("traced"), 0);
+    assert_eq!(
+        common::procs::live_in_group(pid),
+        0,
+        "the running scamper was stopped"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_client_talks_to_a_server_and_ends_quietly_on_a_closed_pipe() {
+    use std::process::Stdio;
+    let s = server::start(&["--scamper-bin", "/nonexistent/scamper"]).await;
+    let url = format!("http://{}", s.running.grpc_addr);
+    let cli = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hoptrace"));
+        cmd.args(args)
+            .args(["--server", &url])
+            .env_remove("HOPTRACE_SERVER");
+        cmd
+    };
+
+    let refused = cli(&[
+        "report",
+        "--id",
+        "cli_1_1",
+        "--local",
+        "10.0.0.1:443",
+        "--remote",
+        "127.0.0.1:9",
+    ])
+    .output()
+    .await
+    .expect("runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("FailedPrecondition") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+
+    let status = cli(&["status"]).output().await.expect("runs");
+    assert!(status.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status is JSON");
+    assert_eq!(json["outcomes"]["refused"], 1, "{json}");
+
+    // `hoptrace status | head -0`: the reader is gone before anything is written.
+    let mut child = cli(&["status"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.expect("exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    s.stop().await;
+}

@@ -55,11 +55,7 @@ async fn a_hanging_scamper_is_killed_at_its_deadline_with_no_zombie_left() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     assert!(took < Duration::from_secs(10), "took {took:?}");
 
-    let pid: u32 = std::fs::read_to_string(format!("{hang}.pid"))
-        .expect("the fake scamper ran")
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = procs::read_pid_file(&format!("{hang}.pid"), Duration::from_secs(10)).await;
     // The script and the helper it forked are gone (its group leader's pid is the group id).
     assert_eq!(
         procs::live_in_group(pid),

@@ -47,3 +47,21 @@ pub fn live_in_group(pgid: u32) -> usize {
 pub fn open_fds() -> usize {
     fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
+
+/// Reads a pid a process writes into `path`, waiting up to `limit` for it to appear.
+pub async fn read_pid_file(path: &str, limit: std::time::Duration) -> u32 {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(pid) = fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} not written within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
