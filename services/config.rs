@@ -78,8 +78,9 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_PROBE_BUDGET", default_value_t = 3000)]
     pub probe_budget: u32,
 
-    /// First source port of the probes (fixes which ECMP paths they hash to); the backend
-    /// picks one when unset.
+    /// First source port of the probes, fixing which ECMP paths single-path traces hash to
+    /// (scamper `trace -s`; Debian's scamper `tracelb` ignores it). The backend picks one when
+    /// unset.
     #[arg(long, env = "HOPTRACE_SOURCE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub source_port: Option<u16>,
 

@@ -317,10 +317,14 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.workers.await;
-        match tokio::time::timeout(Duration::from_secs(5), self.grpc).await {
+        let mut grpc = self.grpc;
+        match tokio::time::timeout(Duration::from_secs(5), &mut grpc).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
             Ok(_) => {}
-            Err(_) => tracing::warn!("gRPC connections still open after 5s; closing them"),
+            Err(_) => {
+                tracing::warn!("gRPC connections still open after 5s; closing them");
+                grpc.abort();
+            }
         }
         for task in self.tasks {
             let _ = task.await;

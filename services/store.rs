@@ -288,14 +288,16 @@ impl TraceStore {
 
     /// Finds the file for `uuid`, looking through the newest `days` day directories.
     pub fn find(&self, uuid: &ConnectionId, days: usize) -> Result<Option<StoredFile>, StoreError> {
-        let suffix = format!("_{uuid}.jsonl");
+        // `<stamp>_<uuid>.jsonl`, and the stamp has no '_': everything after the first '_'
+        // must be the id, or `1_2` would find the file of `host_1_2`.
+        let wanted = format!("{uuid}.jsonl");
         for day in self.newest_days(days)? {
             let dir = self.root.join(&day);
             let entries = fs::read_dir(&dir).map_err(io_err("list", &dir))?;
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if !name.starts_with('.') && name.ends_with(&suffix) {
+                if name.split_once('_').is_some_and(|(_, rest)| rest == wanted) {
                     return self.read(&format!("{day}/{name}")).map(Some);
                 }
             }
@@ -446,6 +448,13 @@ mod tests {
         assert!(matches!(err, StoreError::Exists(_)), "{err}");
         let file = store.find(&uuid, 31).expect("find").expect("found");
         assert!(!file.metadata.cached, "the original is still there");
+        // An id that is a suffix of another id is a different trace.
+        assert!(
+            store
+                .find(&id("1_0000000000000001"), 31)
+                .expect("find")
+                .is_none()
+        );
     }
 
     #[test]

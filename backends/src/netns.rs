@@ -23,9 +23,15 @@ pub enum NetNsError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// The file is not a network namespace.
-    #[error("{0} is not a network namespace")]
-    NotNetNs(PathBuf),
+    /// The namespace could not be entered: not a network namespace, or no permission
+    /// (joining one needs CAP_SYS_ADMIN).
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter {
+        /// The namespace file.
+        path: PathBuf,
+        /// What setns(2) said.
+        source: nix::Error,
+    },
 }
 
 /// An open handle on a named network namespace. Holding the file keeps the namespace usable
@@ -60,7 +66,7 @@ impl NetNs {
         // Entering it once proves it is a network namespace we may join, so a bad name fails
         // at start-up with a clear message rather than at the first trace.
         ns.run_inside(|| ())
-            .map_err(|_| NetNsError::NotNetNs(path))?;
+            .map_err(|source| NetNsError::Enter { path, source })?;
         Ok(ns)
     }
 
@@ -99,5 +105,31 @@ impl NetNs {
 impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_could_escape_run_netns_are_refused() {
+        for name in ["", ".", "..", "../etc", "a/b", "sp ace", "nul\0"] {
+            assert!(
+                matches!(NetNs::open(name), Err(NetNsError::InvalidName(_))),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_namespace_names_its_path() {
+        let err = NetNs::open("hoptrace-test-no-such-namespace").expect_err("missing");
+        assert!(matches!(err, NetNsError::Open { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("/run/netns/hoptrace-test-no-such-namespace"),
+            "{err}"
+        );
     }
 }
