@@ -14,6 +14,8 @@ use crate::{cache::CacheConfig, conn_id};
 pub enum BackendKind {
     /// One `scamper` process per trace.
     Scamper,
+    /// One shared `scamper` daemon, driven over its control socket.
+    ScamperDaemon,
 }
 
 /// Log line format.
@@ -58,9 +60,18 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_SCAMPER_BIN", default_value = "scamper")]
     pub scamper_bin: PathBuf,
 
-    /// scamper's probe rate in packets per second (scamper's default, 20, when unset).
+    /// scamper's probe rate in packets per second: per process with `scamper` (scamper's
+    /// default, 20, when unset), for the whole daemon with `scamper-daemon` (1000 when unset).
     #[arg(long, env = "HOPTRACE_SCAMPER_PPS", value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub scamper_pps: Option<u32>,
+
+    /// Most traces open on the scamper daemon at once (`scamper-daemon`).
+    #[arg(long, env = "HOPTRACE_SCAMPER_WINDOW", default_value_t = 128)]
+    pub scamper_window: usize,
+
+    /// The daemon's control socket (`scamper-daemon`); a private directory when unset.
+    #[arg(long, env = "HOPTRACE_SCAMPER_SOCKET")]
+    pub scamper_socket: Option<PathBuf>,
 
     /// Highest TTL probed (single path).
     #[arg(long, env = "HOPTRACE_MAX_TTL", default_value_t = 30, value_parser = clap::value_parser!(u8).range(1..=255))]
@@ -184,6 +195,7 @@ impl ServeArgs {
             ("--subscriber-queue", self.subscriber_queue),
             ("--max-request-bytes", self.max_request_bytes),
             ("--probe-budget", self.probe_budget as usize),
+            ("--scamper-window", self.scamper_window),
         ] {
             if value == 0 {
                 return bad(format!("{name} must be at least 1"));

@@ -35,19 +35,13 @@ use crate::{
     store::{StoreError, TraceStore},
 };
 
-/// Failure reasons besides the backends' own error kinds.
-pub const FAILURE_REASONS: [&str; 10] = [
-    "timeout",
-    "spawn",
-    "exited",
-    "bad_output",
-    "output_too_large",
-    "netns",
-    "io",
-    "recent_failure",
-    "write_failed",
-    "duplicate_id",
-];
+/// Failure reasons of the service itself, besides the backends' [`TraceError::KINDS`].
+const SERVICE_FAILURES: [&str; 3] = ["recent_failure", "write_failed", "duplicate_id"];
+
+/// Every failure reason a failed event can carry.
+pub fn failure_reasons() -> impl Iterator<Item = &'static str> {
+    TraceError::KINDS.into_iter().chain(SERVICE_FAILURES)
+}
 
 /// What became of an accepted event, when it was not an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +226,11 @@ impl Pipeline {
     /// The backend's name.
     pub fn backend(&self) -> &'static str {
         self.tracer.name()
+    }
+
+    /// Stops the backend's background work (a daemon), after the workers have stopped.
+    pub async fn shutdown_backend(&self) {
+        self.tracer.shutdown().await;
     }
 
     /// The metrics.

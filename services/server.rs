@@ -8,7 +8,9 @@ use std::{
 };
 
 use axum::{Router, routing::get};
-use hoptrace_backends::{NetNs, ScamperOptions, ScamperProcess, Tracer};
+use hoptrace_backends::{
+    DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, Tracer,
+};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -21,7 +23,7 @@ use crate::{
     grpc::HoptraceService,
     hub::{Hub, HubConfig},
     metrics::{Metrics, render},
-    pipeline::{FAILURE_REASONS, Pipeline, PipelineConfig},
+    pipeline::{Pipeline, PipelineConfig, failure_reasons},
     policy::{Policy, Refusal, interface_addresses},
     proto::{self, hoptrace_server::HoptraceServer},
     store::TraceStore,
@@ -117,6 +119,19 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
             },
             netns.clone(),
         )),
+        BackendKind::ScamperDaemon => Arc::new(
+            ScamperDaemon::start(
+                DaemonOptions {
+                    binary: args.scamper_bin.clone().into_os_string(),
+                    pps: args.scamper_pps.unwrap_or(1000),
+                    window: args.scamper_window,
+                    socket: args.scamper_socket.clone(),
+                    ..DaemonOptions::default()
+                },
+                netns.clone(),
+            )
+            .map_err(|e| config_err(format!("--backend scamper-daemon: {e}")))?,
+        ),
     };
     let store = Arc::new(
         TraceStore::open(&args.output_dir, args.version_tag.clone())
@@ -127,8 +142,8 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     let sources: Vec<_> = Source::ALL.iter().map(|s| s.label()).collect();
     let refusals: Vec<_> = Refusal::ALL.iter().map(|r| r.label()).collect();
-    let (metrics, registry) =
-        Metrics::new(&sources, &refusals, &FAILURE_REASONS, &InvalidEvent::LABELS);
+    let failures: Vec<_> = failure_reasons().collect();
+    let (metrics, registry) = Metrics::new(&sources, &refusals, &failures, &InvalidEvent::LABELS);
     let metrics = Arc::new(metrics);
 
     let policy = Arc::new(Policy::new(args.allow_private, args.deny.clone()));
@@ -317,6 +332,7 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.workers.await;
+        self.pipeline.shutdown_backend().await;
         let mut grpc = self.grpc;
         match tokio::time::timeout(Duration::from_secs(5), &mut grpc).await {
             Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),

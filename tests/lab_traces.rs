@@ -8,7 +8,7 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use common::{
     lab::{Lab, require_root},
-    server::{self, TestServer, assert_accounted, event, fake_scamper, outcomes},
+    server::{self, TestServer, assert_accounted, event, lab_guarded_scamper, outcomes},
 };
 use hoptrace::proto::{self, Disposition, ReplyKind, subscribe_response::Event};
 
@@ -20,15 +20,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// path itself, before any packet.
 async fn lab_server(lab: &Lab, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
     let tools = tempfile::tempdir().expect("tempdir");
-    let guard = fake_scamper("lab-guard", tools.path());
-    let (dev, ino) = Lab::ns_id(&lab.client_ns());
-    std::fs::write(format!("{guard}.expect"), format!("{dev} {ino}")).expect("write expect");
-    let root = common::lab::ns_id_of_pid(std::process::id());
-    assert_ne!(
-        root,
-        (dev, ino),
-        "the lab namespace must not be the test's own"
-    );
+    let guard = lab_guarded_scamper(lab, tools.path());
     let ns = lab.client_ns();
     let mut flags = vec![
         "--netns",
@@ -410,4 +402,38 @@ async fn an_on_demand_trace_returns_the_record_and_multipath_records_the_lab() {
         );
     }
     mda.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_daemon_backend_serves_the_same_pipeline() {
+    if !require_root("the_shared_daemon_backend_serves_the_same_pipeline") {
+        return;
+    }
+    let lab = Lab::up();
+    let (mut s, _tools) = lab_server(&lab, &["--backend", "scamper-daemon"]).await;
+    let burst: Vec<_> = (1..=20u8)
+        .map(|i| event(&format!("dmn_1_{i:016X}"), &lab.dst_v4(i).to_string()))
+        .collect();
+    s.client
+        .report_closes(futures::stream::iter(burst))
+        .await
+        .expect("reported");
+    let status = s.wait_status(LIMIT, |st| outcomes(st).traced == 20).await;
+    assert_eq!(status.backend, "scamper-daemon");
+    assert_accounted(&status);
+    let record = s.get("dmn_1_0000000000000007").await;
+    let parsed = lines(&record.contents);
+    // The daemon's own cycle lines, one pair per trace session.
+    assert_eq!(parsed[1]["type"], "cycle-start");
+    assert!(
+        parsed[1]["list_name"]
+            .as_str()
+            .is_some_and(|n| n.contains(".sock:")),
+        "{}",
+        parsed[1]
+    );
+    assert_eq!(parsed[3]["type"], "cycle-stop");
+    assert_eq!(parsed[2]["dst"], lab.dst_v4(7).to_string());
+    assert_hops_match_the_lab(&record, &lab.hops_v4(), lab.dst_v4(7));
+    s.stop().await;
 }

@@ -37,12 +37,35 @@ pub enum TraceError {
     /// The network namespace for probes is not usable.
     #[error(transparent)]
     Namespace(#[from] NetNsError),
+    /// The shared scamper daemon is not running, or went away during the trace.
+    #[error("scamper daemon unavailable: {0}")]
+    DaemonUnavailable(String),
+    /// The daemon refused the command (`ERR …`).
+    #[error("scamper daemon refused the command: {0}")]
+    Refused(String),
+    /// The daemon's control stream broke the protocol.
+    #[error("scamper control protocol: {0}")]
+    Protocol(#[from] crate::scamper::control::ControlError),
     /// Reading from or waiting for the tracer failed.
     #[error("i/o with the tracer: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl TraceError {
+    /// Every [`TraceError::kind`] label, for metrics that list them up front.
+    pub const KINDS: [&'static str; 10] = [
+        "timeout",
+        "spawn",
+        "exited",
+        "bad_output",
+        "output_too_large",
+        "netns",
+        "daemon_unavailable",
+        "refused",
+        "protocol",
+        "io",
+    ];
+
     /// A short, stable label for metrics and counters.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -52,6 +75,9 @@ impl TraceError {
             TraceError::Output(_) => "bad_output",
             TraceError::OutputTooLarge(_) => "output_too_large",
             TraceError::Namespace(_) => "netns",
+            TraceError::DaemonUnavailable(_) => "daemon_unavailable",
+            TraceError::Refused(_) => "refused",
+            TraceError::Protocol(_) => "protocol",
             TraceError::Io(_) => "io",
         }
     }

@@ -8,6 +8,8 @@
 //! Implementations:
 //! - [`ScamperProcess`]: one `scamper` child per trace, in its own process group, killed as a
 //!   group at its deadline and always reaped.
+//! - [`ScamperDaemon`]: one supervised `scamper` daemon shared by all traces, driven over its
+//!   control socket, one session per trace within a bounded window.
 
 mod error;
 mod netns;
@@ -23,7 +25,7 @@ pub use error::TraceError;
 pub use netns::{NetNs, NetNsError};
 pub use output::TraceOutput;
 pub use request::{Limits, Method, Probe, TraceRequest};
-pub use scamper::{ScamperOptions, ScamperProcess};
+pub use scamper::{DaemonOptions, ScamperDaemon, ScamperOptions, ScamperProcess};
 pub use scamper_json::{Hop, Link, ReplyKind, ScamperJsonError, TraceKind, TraceSummary};
 
 /// Something that can trace the path to a destination.
@@ -39,4 +41,7 @@ pub trait Tracer: Send + Sync + std::fmt::Debug {
 
     /// Traces the path to `request.dst`.
     async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError>;
+
+    /// Stops what the backend runs in the background (a daemon); traces after it fail.
+    async fn shutdown(&self) {}
 }

@@ -19,6 +19,54 @@ use crate::{NetNs, TraceError};
 /// Bytes of stderr kept for error messages.
 const STDERR_KEEP: usize = 4096;
 
+/// A child running as the leader of its own process group.
+pub(crate) struct Group {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Its pid, which is also the group id.
+    pub pid: u32,
+    /// Kills the whole group when dropped (or on [`GroupKiller::kill`]).
+    pub killer: GroupKiller,
+}
+
+/// Starts `program args…` as the leader of a new process group, inside `netns` when given,
+/// with stdin closed, stdout piped (or as `stdout` says) and stderr piped.
+pub(crate) fn spawn(
+    program: &OsStr,
+    args: &[String],
+    netns: Option<&NetNs>,
+    stdout: Stdio,
+) -> Result<Group, TraceError> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(ns) = netns {
+        let fd = ns.as_fd().try_clone_to_owned()?;
+        // SAFETY: the closure runs in the forked child before exec. It only calls setns(2),
+        // which is async-signal-safe, on a descriptor the closure owns; it allocates nothing
+        // and takes no lock.
+        unsafe {
+            cmd.pre_exec(move || NetNs::enter(fd.as_fd()).map_err(std::io::Error::from));
+        }
+    }
+    let child = cmd.spawn().map_err(|source| TraceError::Spawn {
+        program: program.to_string_lossy().into_owned(),
+        source,
+    })?;
+    let pid = child
+        .id()
+        .ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
+    Ok(Group {
+        child,
+        pid,
+        killer: GroupKiller(Some(Pid::from_raw(pid as i32))),
+    })
+}
+
 /// What a finished program left behind.
 #[derive(Debug)]
 pub(crate) struct Finished {
@@ -28,10 +76,12 @@ pub(crate) struct Finished {
 }
 
 /// Kills the process group when dropped, so a cancelled trace leaves nothing running.
-struct GroupKiller(Option<Pid>);
+#[derive(Debug)]
+pub(crate) struct GroupKiller(Option<Pid>);
 
 impl GroupKiller {
-    fn kill(&mut self) {
+    /// Sends SIGKILL to the whole group (once).
+    pub fn kill(&mut self) {
         if let Some(pgid) = self.0.take() {
             // ESRCH (nothing left in the group) is the normal case after a clean exit.
             let _ = killpg(pgid, Signal::SIGKILL);
@@ -60,31 +110,11 @@ pub(crate) async fn run(
     deadline: Duration,
     max_stdout: usize,
 ) -> Result<Finished, TraceError> {
-    let name = program.to_string_lossy().into_owned();
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(ns) = netns {
-        let fd = ns.as_fd().try_clone_to_owned()?;
-        // SAFETY: the closure runs in the forked child before exec. It only calls setns(2),
-        // which is async-signal-safe, on a descriptor the closure owns; it allocates nothing
-        // and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || NetNs::enter(fd.as_fd()).map_err(std::io::Error::from));
-        }
-    }
-    let mut child = cmd.spawn().map_err(|source| TraceError::Spawn {
-        program: name.clone(),
-        source,
-    })?;
-    let pid = child
-        .id()
-        .ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
-    let mut group = GroupKiller(Some(Pid::from_raw(pid as i32)));
+    let Group {
+        mut child,
+        pid,
+        killer: mut group,
+    } = spawn(program, args, netns, Stdio::piped())?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("child has no output pipes").into());
     };
@@ -113,7 +143,7 @@ pub(crate) async fn run(
 
 /// Returns once process `pid` (our child) has exited, without reaping it: its pid, and so its
 /// process group id, stays reserved until we wait for it.
-async fn exited(pid: u32) {
+pub(crate) async fn exited(pid: u32) {
     use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
     // The output has ended, so the exit is normally a matter of microseconds: poll, backing

@@ -186,3 +186,17 @@ pub fn fake_scamper(name: &str, dir: &Path) -> String {
     std::fs::copy(&src, &dst).expect("copy fake scamper");
     dst.to_str().expect("utf-8").to_owned()
 }
+
+/// A `lab-guard` wrapper around scamper (it refuses to run outside `lab`'s client namespace),
+/// placed in `dir`; returns its path.
+pub fn lab_guarded_scamper(lab: &super::lab::Lab, dir: &Path) -> String {
+    let guard = fake_scamper("lab-guard", dir);
+    let (dev, ino) = super::lab::Lab::ns_id(&lab.client_ns());
+    assert_ne!(
+        super::lab::ns_id_of_pid(std::process::id()),
+        (dev, ino),
+        "the lab namespace must not be the test's own"
+    );
+    std::fs::write(format!("{guard}.expect"), format!("{dev} {ino}")).expect("write expect");
+    guard
+}

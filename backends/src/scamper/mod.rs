@@ -1,4 +1,10 @@
-//! scamper as a tracer: the command text for a request, and the process-per-trace backend.
+//! scamper as a tracer: the command text for a request, the process-per-trace backend, and
+//! the shared daemon driven over its control socket.
+
+pub mod control;
+mod daemon;
+
+pub use daemon::{DaemonOptions, ScamperDaemon, session};
 
 use std::{ffi::OsString, sync::Arc};
 
