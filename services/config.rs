@@ -112,6 +112,24 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_DENY", value_delimiter = ',')]
     pub deny: Vec<IpNet>,
 
+    /// Addresses that are this host's though no interface holds them (public, load-balancer);
+    /// never traced, and the local side of tcp-info connections (comma-separated).
+    #[arg(long, env = "HOPTRACE_LOCAL_ADDR", value_delimiter = ',')]
+    pub local_addr: Vec<std::net::IpAddr>,
+
+    /// Read close events from tcp-info's event socket at this path (reconnects when it goes
+    /// away or is not there yet).
+    #[arg(long, env = "HOPTRACE_TCPINFO_EVENTSOCKET")]
+    pub tcpinfo_eventsocket: Option<PathBuf>,
+
+    /// tcp-info opens remembered until their close arrives.
+    #[arg(long, env = "HOPTRACE_TCPINFO_MAX_OPENS", default_value_t = 1_000_000)]
+    pub tcpinfo_max_opens: usize,
+
+    /// tcp-info opens older than this are forgotten.
+    #[arg(long, env = "HOPTRACE_TCPINFO_OPEN_TTL", default_value = "24h", value_parser = duration)]
+    pub tcpinfo_open_ttl: Duration,
+
     /// How long a trace is reused for the same destination, counted from its completion.
     #[arg(long, env = "HOPTRACE_CACHE_TTL", default_value = "10m", value_parser = duration)]
     pub cache_ttl: Duration,
@@ -196,6 +214,7 @@ impl ServeArgs {
             ("--max-request-bytes", self.max_request_bytes),
             ("--probe-budget", self.probe_budget as usize),
             ("--scamper-window", self.scamper_window),
+            ("--tcpinfo-max-opens", self.tcpinfo_max_opens),
         ] {
             if value == 0 {
                 return bad(format!("{name} must be at least 1"));

@@ -20,11 +20,18 @@ pub enum Source {
     GrpcStream,
     /// A `Trace` call (an operator asking for a trace now).
     OnDemand,
+    /// tcp-info's event socket.
+    TcpInfo,
 }
 
 impl Source {
     /// Every source, for metrics and status.
-    pub const ALL: [Source; 3] = [Source::Grpc, Source::GrpcStream, Source::OnDemand];
+    pub const ALL: [Source; 4] = [
+        Source::Grpc,
+        Source::GrpcStream,
+        Source::OnDemand,
+        Source::TcpInfo,
+    ];
 
     /// The label used in metrics and status.
     pub fn label(self) -> &'static str {
@@ -32,6 +39,7 @@ impl Source {
             Source::Grpc => "grpc",
             Source::GrpcStream => "grpc_stream",
             Source::OnDemand => "on_demand",
+            Source::TcpInfo => "tcpinfo",
         }
     }
 }

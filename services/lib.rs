@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod record;
 pub mod server;
+pub mod sources;
 pub mod store;
 
 /// The generated `hoptrace.v1` API.

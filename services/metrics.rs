@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{cache::CacheCounters, hub::HubCounters};
+use crate::{cache::CacheCounters, hub::HubCounters, sources::tcpinfo::TcpInfoCounters};
 
 /// A metric label holding one word from a fixed set.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +83,8 @@ pub struct Metrics {
     pub store_write_failures: Counter,
     /// The hub's counters.
     pub hub: HubCounters,
+    /// The tcp-info source's counters.
+    pub tcpinfo: TcpInfoCounters,
 }
 
 fn duration_histogram() -> Histogram {
@@ -116,7 +118,11 @@ impl Metrics {
             traces_error_caching: Family::default(),
             store_write_failures: Counter::default(),
             hub: HubCounters::default(),
+            tcpinfo: TcpInfoCounters::default(),
         };
+        for reason in crate::sources::tcpinfo::LINE_KINDS {
+            let _ = metrics.tcpinfo.lines.get_or_create(&ReasonLabel { reason });
+        }
         for &source in sources {
             let _ = metrics.events.get_or_create(&SourceLabel { source });
         }
@@ -240,6 +246,21 @@ impl Metrics {
             "hoptrace_subscriber_lags",
             "Times a subscriber fell behind or missed records",
             metrics.hub.lags.clone(),
+        );
+        r.register(
+            "hoptrace_tcpinfo_lines",
+            "Lines read from tcp-info's event socket, by kind",
+            metrics.tcpinfo.lines.clone(),
+        );
+        r.register(
+            "hoptrace_tcpinfo_connects",
+            "Connections made to tcp-info's event socket",
+            metrics.tcpinfo.connects.clone(),
+        );
+        r.register(
+            "hoptrace_tcpinfo_opens",
+            "tcp-info opens remembered until their close",
+            metrics.tcpinfo.opens.clone(),
         );
         (metrics, r)
     }

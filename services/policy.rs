@@ -193,24 +193,43 @@ pub fn classify(ip: IpAddr) -> Option<Refusal> {
 pub struct Policy {
     allow_private: bool,
     deny: Vec<IpNet>,
+    /// Addresses that are this host's though no interface holds them (public or
+    /// load-balancer addresses), kept across refreshes.
+    extra_own: Vec<IpAddr>,
     own: RwLock<HashSet<IpAddr>>,
 }
 
 impl Policy {
     /// A policy that refuses non-global addresses (private ones too unless `allow_private`),
-    /// anything inside `deny`, and this host's addresses (see [`Policy::set_own_addresses`]).
-    pub fn new(allow_private: bool, deny: Vec<IpNet>) -> Self {
+    /// anything inside `deny`, and this host's addresses: those of its interfaces (see
+    /// [`Policy::set_own_addresses`]) and `extra_own`.
+    pub fn new(allow_private: bool, deny: Vec<IpNet>, extra_own: Vec<IpAddr>) -> Self {
+        let extra_own: Vec<IpAddr> = extra_own.into_iter().map(canonical).collect();
         Self {
             allow_private,
             deny,
-            own: RwLock::default(),
+            own: RwLock::new(extra_own.iter().copied().collect()),
+            extra_own,
         }
     }
 
-    /// Replaces the set of this host's own addresses (refreshed while running).
+    /// Replaces the interface addresses of this host (refreshed while running); the
+    /// configured extra addresses stay.
     pub fn set_own_addresses(&self, addrs: impl IntoIterator<Item = IpAddr>) {
-        let set = addrs.into_iter().map(canonical).collect();
+        let set = addrs
+            .into_iter()
+            .chain(self.extra_own.iter().copied())
+            .map(canonical)
+            .collect();
         *self.own.write().unwrap_or_else(|p| p.into_inner()) = set;
+    }
+
+    /// Whether `ip` is one of this host's addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        self.own
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&canonical(ip))
     }
 
     /// The canonical destination if it may be traced, otherwise why not.
@@ -224,12 +243,7 @@ impl Policy {
         if self.deny.iter().any(|net| net.contains(&ip)) {
             return Err(Refusal::Denied);
         }
-        if self
-            .own
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&ip)
-        {
+        if self.is_own(ip) {
             return Err(Refusal::OwnAddress);
         }
         Ok(ip)
@@ -336,19 +350,24 @@ mod tests {
 
     #[test]
     fn allow_private_opens_only_the_private_classes() {
-        let lab = Policy::new(true, vec![]);
+        let lab = Policy::new(true, vec![], vec![]);
         assert_eq!(lab.check(ip("10.77.100.5")), Ok(ip("10.77.100.5")));
         assert_eq!(lab.check(ip("fd77:100::5")), Ok(ip("fd77:100::5")));
         assert_eq!(lab.check(ip("100.64.0.1")), Ok(ip("100.64.0.1")));
         assert_eq!(lab.check(ip("127.0.0.1")), Err(Refusal::Loopback));
         assert_eq!(lab.check(ip("169.254.0.1")), Err(Refusal::LinkLocal));
-        let strict = Policy::new(false, vec![]);
+        let strict = Policy::new(false, vec![], vec![]);
         assert_eq!(strict.check(ip("10.77.100.5")), Err(Refusal::Private));
     }
 
     #[test]
     fn deny_list_and_own_addresses() {
-        let policy = Policy::new(false, vec!["8.8.0.0/16".parse().expect("net")]);
+        let policy = Policy::new(
+            false,
+            vec!["8.8.0.0/16".parse().expect("net")],
+            vec![ip("1.0.0.1")],
+        );
+        assert_eq!(policy.check(ip("1.0.0.1")), Err(Refusal::OwnAddress));
         assert_eq!(policy.check(ip("8.8.8.8")), Err(Refusal::Denied));
         assert_eq!(policy.check(ip("::ffff:8.8.4.4")), Err(Refusal::Denied));
         assert_eq!(policy.check(ip("9.9.9.9")), Ok(ip("9.9.9.9")));
@@ -356,6 +375,8 @@ mod tests {
         assert_eq!(policy.check(ip("9.9.9.9")), Err(Refusal::OwnAddress));
         policy.set_own_addresses([]);
         assert_eq!(policy.check(ip("9.9.9.9")), Ok(ip("9.9.9.9")));
+        // Configured addresses survive a refresh of the interface addresses.
+        assert!(policy.is_own(ip("::ffff:1.0.0.1")));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    num::NonZeroUsize,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -26,6 +27,7 @@ use crate::{
     pipeline::{Pipeline, PipelineConfig, failure_reasons},
     policy::{Policy, Refusal, interface_addresses},
     proto::{self, hoptrace_server::HoptraceServer},
+    sources::tcpinfo::{TcpInfoConfig, TcpInfoSource},
     store::TraceStore,
 };
 
@@ -146,7 +148,11 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     let (metrics, registry) = Metrics::new(&sources, &refusals, &failures, &InvalidEvent::LABELS);
     let metrics = Arc::new(metrics);
 
-    let policy = Arc::new(Policy::new(args.allow_private, args.deny.clone()));
+    let policy = Arc::new(Policy::new(
+        args.allow_private,
+        args.deny.clone(),
+        args.local_addr.clone(),
+    ));
     policy.set_own_addresses(own_addresses(netns.as_deref()));
 
     let started = SystemTime::now();
@@ -214,6 +220,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         args.shutdown_grace,
     ));
 
+    let policy_for_sources = Arc::clone(&policy);
     let housekeeping = {
         let (pipeline, policy, mut stopped) = (Arc::clone(&pipeline), policy, stopped.clone());
         tokio::spawn(async move {
@@ -235,6 +242,23 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     };
 
     let admin = tokio::spawn(serve_admin(admin_listener, registry, stopped.clone()));
+    let mut tasks = vec![housekeeping, admin];
+    if let Some(path) = &args.tcpinfo_eventsocket {
+        let source = TcpInfoSource::new(
+            TcpInfoConfig {
+                path: path.clone(),
+                max_opens: NonZeroUsize::new(args.tcpinfo_max_opens).unwrap_or(NonZeroUsize::MIN),
+                open_ttl: args.tcpinfo_open_ttl,
+                queue: args.queue_capacity.max(1024),
+                backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            },
+            metrics.tcpinfo.clone(),
+            Arc::clone(&policy_for_sources),
+        );
+        tasks.push(tokio::spawn(
+            source.run(Arc::clone(&pipeline), stopped.clone()),
+        ));
+    }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -289,7 +313,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         stop,
         grpc,
         workers,
-        tasks: vec![housekeeping, admin],
+        tasks,
     })
 }
 

@@ -8,39 +8,12 @@ use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use common::{
     lab::{Lab, require_root},
-    server::{self, TestServer, assert_accounted, event, lab_guarded_scamper, outcomes},
+    server::{assert_accounted, event, lab_server, outcomes},
 };
 use hoptrace::proto::{self, Disposition, ReplyKind, subscribe_response::Event};
 
 /// How long one lab condition may take before the test fails.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A server whose probes leave from the lab's client namespace. scamper runs through
-/// `lab-guard`, which refuses to start it anywhere else: the assertion stands in the probing
-/// path itself, before any packet.
-async fn lab_server(lab: &Lab, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
-    let tools = tempfile::tempdir().expect("tempdir");
-    let guard = lab_guarded_scamper(lab, tools.path());
-    let ns = lab.client_ns();
-    let mut flags = vec![
-        "--netns",
-        ns.as_str(),
-        "--allow-private",
-        "--scamper-bin",
-        guard.as_str(),
-        "--scamper-pps",
-        "200",
-        "--probe-wait",
-        "1s",
-        "--max-ttl",
-        "8",
-        // Fixed flows: with the lab's fixed ECMP seed every run takes the same paths.
-        "--source-port",
-        "40000",
-    ];
-    flags.extend_from_slice(extra);
-    (server::start(&flags).await, tools)
-}
 
 /// The parsed lines of a trace file.
 fn lines(contents: &str) -> Vec<serde_json::Value> {

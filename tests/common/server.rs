@@ -200,3 +200,30 @@ pub fn lab_guarded_scamper(lab: &super::lab::Lab, dir: &Path) -> String {
     std::fs::write(format!("{guard}.expect"), format!("{dev} {ino}")).expect("write expect");
     guard
 }
+
+/// A server whose probes leave from the lab's client namespace. scamper runs through
+/// `lab-guard`, which refuses to start it anywhere else: the assertion stands in the probing
+/// path itself, before any packet.
+pub async fn lab_server(lab: &super::lab::Lab, extra: &[&str]) -> (TestServer, tempfile::TempDir) {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let guard = lab_guarded_scamper(lab, tools.path());
+    let ns = lab.client_ns();
+    let mut flags = vec![
+        "--netns",
+        ns.as_str(),
+        "--allow-private",
+        "--scamper-bin",
+        guard.as_str(),
+        "--scamper-pps",
+        "200",
+        "--probe-wait",
+        "1s",
+        "--max-ttl",
+        "8",
+        // Fixed flows: with the lab's fixed ECMP seed every run takes the same paths.
+        "--source-port",
+        "40000",
+    ];
+    flags.extend_from_slice(extra);
+    (start(&flags).await, tools)
+}

@@ -224,9 +224,17 @@ impl Tracer for ScamperDaemon {
     async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
         // Dropping the session at the deadline closes its connection; Debian's build has no
         // `halt`, so scamper finishes that task on its own, within its probe budget.
-        tokio::time::timeout(request.limits.deadline, self.run(request))
-            .await
-            .unwrap_or(Err(TraceError::Timeout(request.limits.deadline)))
+        match tokio::time::timeout(request.limits.deadline, self.run(request)).await {
+            Ok(result) => result,
+            // Out of time while no daemon answered: that, not the trace, is the failure.
+            Err(_) => Err(match &*self.state.borrow() {
+                State::Down(reason) => TraceError::DaemonUnavailable(reason.clone()),
+                State::Starting => TraceError::DaemonUnavailable(
+                    "the daemon did not come up within the trace's deadline".into(),
+                ),
+                _ => TraceError::Timeout(request.limits.deadline),
+            }),
+        }
     }
 
     async fn shutdown(&self) {
@@ -611,6 +619,52 @@ mod tests {
             let (_dir, path, _task) = fake_daemon(steps).await;
             let err = session(&path, COMMAND).await.expect_err("fails");
             assert!(matches!(err, TraceError::DaemonUnavailable(_)), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_cannot_run_fails_traces_with_its_reason_not_a_timeout() {
+        let request = |deadline| TraceRequest {
+            dst: "10.77.100.5".parse().expect("addr"),
+            method: crate::Method::Paris(crate::Probe::Icmp),
+            limits: crate::Limits {
+                deadline,
+                ..crate::Limits::default()
+            },
+            source_port: None,
+        };
+        let fast = (Duration::from_millis(10), Duration::from_millis(20));
+        for (binary, reason) in [
+            ("/nonexistent/scamper", "cannot start /nonexistent/scamper"),
+            ("false", "exit status: 1"),
+        ] {
+            let daemon = ScamperDaemon::start(
+                DaemonOptions {
+                    binary: binary.into(),
+                    backoff: fast,
+                    ..DaemonOptions::default()
+                },
+                None,
+            )
+            .expect("supervisor starts");
+            let err = daemon
+                .trace(&request(Duration::from_millis(300)))
+                .await
+                .expect_err("no daemon");
+            assert!(
+                matches!(err, TraceError::DaemonUnavailable(ref m) if m.contains(reason)),
+                "{binary}: {err}"
+            );
+            assert!(
+                daemon.restarts() > 0,
+                "{binary}: the supervisor kept trying"
+            );
+            daemon.shutdown().await;
+            let err = daemon
+                .trace(&request(Duration::from_secs(5)))
+                .await
+                .expect_err("shut down");
+            assert!(err.to_string().contains("shut down"), "{err}");
         }
     }
 

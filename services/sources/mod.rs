@@ -1,0 +1,3 @@
+//! Event sources besides the gRPC API.
+
+pub mod tcpinfo;
