@@ -122,6 +122,19 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_TCPINFO_EVENTSOCKET")]
     pub tcpinfo_eventsocket: Option<PathBuf>,
 
+    /// Watch this host's TCP sockets (through netlink) and trace the far end of each closed
+    /// connection. Watches the namespace probes leave from (`--netns`, else the server's).
+    #[arg(long, env = "HOPTRACE_WATCH_HOST_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_host_sockets: bool,
+
+    /// Local ports whose connections the host watcher ignores (comma-separated).
+    #[arg(long, env = "HOPTRACE_WATCH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub watch_exclude_ports: Vec<u16>,
+
+    /// Remote prefixes whose connections the host watcher ignores (comma-separated CIDRs).
+    #[arg(long, env = "HOPTRACE_WATCH_EXCLUDE_REMOTE", value_delimiter = ',')]
+    pub watch_exclude_remote: Vec<IpNet>,
+
     /// tcp-info opens remembered until their close arrives.
     #[arg(long, env = "HOPTRACE_TCPINFO_MAX_OPENS", default_value_t = 1_000_000)]
     pub tcpinfo_max_opens: usize,

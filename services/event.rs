@@ -22,15 +22,18 @@ pub enum Source {
     OnDemand,
     /// tcp-info's event socket.
     TcpInfo,
+    /// This host's own TCP sockets, watched through netlink.
+    HostSockets,
 }
 
 impl Source {
     /// Every source, for metrics and status.
-    pub const ALL: [Source; 4] = [
+    pub const ALL: [Source; 5] = [
         Source::Grpc,
         Source::GrpcStream,
         Source::OnDemand,
         Source::TcpInfo,
+        Source::HostSockets,
     ];
 
     /// The label used in metrics and status.
@@ -40,6 +43,7 @@ impl Source {
             Source::GrpcStream => "grpc_stream",
             Source::OnDemand => "on_demand",
             Source::TcpInfo => "tcpinfo",
+            Source::HostSockets => "host_sockets",
         }
     }
 }

@@ -13,7 +13,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{cache::CacheCounters, hub::HubCounters, sources::tcpinfo::TcpInfoCounters};
+use crate::{
+    cache::CacheCounters,
+    hub::HubCounters,
+    sources::{host_sockets::HostSocketsCounters, tcpinfo::TcpInfoCounters},
+};
 
 /// A metric label holding one word from a fixed set.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +89,8 @@ pub struct Metrics {
     pub hub: HubCounters,
     /// The tcp-info source's counters.
     pub tcpinfo: TcpInfoCounters,
+    /// The host socket watcher's counters.
+    pub host_sockets: HostSocketsCounters,
 }
 
 fn duration_histogram() -> Histogram {
@@ -119,7 +125,14 @@ impl Metrics {
             store_write_failures: Counter::default(),
             hub: HubCounters::default(),
             tcpinfo: TcpInfoCounters::default(),
+            host_sockets: HostSocketsCounters::default(),
         };
+        for reason in crate::sources::host_sockets::OUTCOMES {
+            let _ = metrics
+                .host_sockets
+                .sockets
+                .get_or_create(&ReasonLabel { reason });
+        }
         for reason in crate::sources::tcpinfo::LINE_KINDS {
             let _ = metrics.tcpinfo.lines.get_or_create(&ReasonLabel { reason });
         }
@@ -256,6 +269,11 @@ impl Metrics {
             "hoptrace_tcpinfo_connects",
             "Connections made to tcp-info's event socket",
             metrics.tcpinfo.connects.clone(),
+        );
+        r.register(
+            "hoptrace_host_sockets",
+            "Destroyed TCP sockets of this host, by what became of them",
+            metrics.host_sockets.sockets.clone(),
         );
         r.register(
             "hoptrace_tcpinfo_opens",

@@ -27,7 +27,10 @@ use crate::{
     pipeline::{Pipeline, PipelineConfig, failure_reasons},
     policy::{Policy, Refusal, interface_addresses},
     proto::{self, hoptrace_server::HoptraceServer},
-    sources::tcpinfo::{TcpInfoConfig, TcpInfoSource},
+    sources::{
+        host_sockets::{self, HostSockets, HostSocketsConfig, WatchError, open_destroy_socket},
+        tcpinfo::{TcpInfoConfig, TcpInfoSource},
+    },
     store::TraceStore,
 };
 
@@ -223,6 +226,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     let policy_for_sources = Arc::clone(&policy);
     let housekeeping = {
         let (pipeline, policy, mut stopped) = (Arc::clone(&pipeline), policy, stopped.clone());
+        let netns = netns.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
             loop {
@@ -243,6 +247,39 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     let admin = tokio::spawn(serve_admin(admin_listener, registry, stopped.clone()));
     let mut tasks = vec![housekeeping, admin];
+    if args.watch_host_sockets {
+        // Opened in the namespace probes leave from: the connections of interest live there.
+        let fd = match netns.as_deref() {
+            Some(ns) => ns
+                .run_inside(open_destroy_socket)
+                .map_err(WatchError::from)
+                .and_then(|r| r),
+            None => open_destroy_socket(),
+        };
+        match fd {
+            Ok(fd) => {
+                let watcher = HostSockets::new(
+                    HostSocketsConfig {
+                        exclude_local_ports: args.watch_exclude_ports.clone(),
+                        exclude_remote: args.watch_exclude_remote.clone(),
+                        queue: args.queue_capacity.max(1024),
+                    },
+                    metrics.host_sockets.clone(),
+                    host_sockets::id_prefix(),
+                );
+                let (pipeline, stopped) = (Arc::clone(&pipeline), stopped.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = watcher.run(fd, pipeline, stopped).await {
+                        tracing::error!(error = %e, "host socket watcher stopped");
+                    }
+                }));
+            }
+            // On by default, so a host that refuses it still gets a working service.
+            Err(e) => {
+                tracing::warn!(error = %e, "not watching this host's sockets; events come from the API and tcp-info only")
+            }
+        }
+    }
     if let Some(path) = &args.tcpinfo_eventsocket {
         let source = TcpInfoSource::new(
             TcpInfoConfig {

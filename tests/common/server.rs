@@ -40,6 +40,11 @@ pub async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> TestServer {
         "--log",
         "warn",
     ];
+    // The host watcher is on by default; here it would watch the test machine's own
+    // namespace, so only tests about it turn it on.
+    if !extra.contains(&"--watch-host-sockets") {
+        argv.extend_from_slice(&["--watch-host-sockets", "false"]);
+    }
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags parse").command else {
         unreachable!("serve parses to Serve")
