@@ -127,6 +127,16 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_WATCH_HOST_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
     pub watch_host_sockets: bool,
 
+    /// How often the host watcher dumps the sockets when the kernel offers no TCP-destroy
+    /// groups (or with --watch-poll-only).
+    #[arg(long, env = "HOPTRACE_WATCH_POLL", default_value = "10ms", value_parser = duration)]
+    pub watch_poll: Duration,
+
+    /// Poll even where the kernel announces destroyed sockets (tcp-info's method; for
+    /// comparison).
+    #[arg(long, env = "HOPTRACE_WATCH_POLL_ONLY")]
+    pub watch_poll_only: bool,
+
     /// Local ports whose connections the host watcher ignores (comma-separated).
     #[arg(long, env = "HOPTRACE_WATCH_EXCLUDE_PORTS", value_delimiter = ',')]
     pub watch_exclude_ports: Vec<u16>,
@@ -235,6 +245,9 @@ impl ServeArgs {
         }
         if self.trace_timeout < Duration::from_secs(1) {
             return bad("--trace-timeout must be at least 1s".into());
+        }
+        if self.watch_poll < Duration::from_millis(1) {
+            return bad("--watch-poll must be at least 1ms".into());
         }
         if self.cache_ttl.is_zero() {
             return bad("--cache-ttl must be above zero".into());

@@ -28,7 +28,7 @@ use crate::{
     policy::{Policy, Refusal, interface_addresses},
     proto::{self, hoptrace_server::HoptraceServer},
     sources::{
-        host_sockets::{self, HostSockets, HostSocketsConfig, WatchError, open_destroy_socket},
+        host_sockets::{self, DiagSocket, HostSockets, HostSocketsConfig, WatchError},
         tcpinfo::{TcpInfoConfig, TcpInfoSource},
     },
     store::TraceStore,
@@ -249,12 +249,13 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     let mut tasks = vec![housekeeping, admin];
     if args.watch_host_sockets {
         // Opened in the namespace probes leave from: the connections of interest live there.
+        let open = || DiagSocket::open(args.watch_poll, args.watch_poll_only);
         let fd = match netns.as_deref() {
             Some(ns) => ns
-                .run_inside(open_destroy_socket)
+                .run_inside(open)
                 .map_err(WatchError::from)
                 .and_then(|r| r),
-            None => open_destroy_socket(),
+            None => open(),
         };
         match fd {
             Ok(fd) => {

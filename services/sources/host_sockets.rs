@@ -3,10 +3,13 @@
 //! A netlink `sock_diag` socket joined to the TCP-destroy multicast groups
 //! (`SKNLGRP_INET_TCP_DESTROY`, `SKNLGRP_INET6_TCP_DESTROY`) receives one `inet_diag_msg` per
 //! TCP socket the kernel destroys, with its 4-tuple and cookie: no polling, so a close is seen
-//! as it happens. Each becomes a close event whose connection id has the shape tcp-info gives
+//! as it happens. Where the kernel does not offer those groups, the watcher dumps the
+//! connected TCP sockets periodically (as tcp-info does) and reports those that vanished.
+//! Each close becomes an event whose connection id has the shape tcp-info gives
 //! (`<hostname>_<boot time>_<cookie %016X>`), so files from either source agree.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, OwnedFd},
     sync::Arc,
@@ -14,8 +17,8 @@ use std::{
 
 use ipnet::IpNet;
 use nix::sys::socket::{
-    AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, setsockopt, socket,
-    sockopt,
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
+    setsockopt, socket, sockopt,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{
@@ -42,7 +45,7 @@ const INET_DIAG_MSG: usize = 72;
 /// Receive buffer asked for, so bursts of closes are not dropped.
 const RCVBUF: usize = 4 << 20;
 
-/// A destroyed TCP socket, as the kernel reports it.
+/// A TCP socket as `sock_diag` reports it (destroyed, or listed by a dump).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Destroyed {
     /// Local address (canonical).
@@ -55,6 +58,47 @@ pub struct Destroyed {
     pub dport: u16,
     /// The kernel's socket cookie.
     pub cookie: u64,
+}
+
+/// `NLMSG_ERROR` and `NLMSG_DONE`: the end of a dump.
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// Whether a datagram ends a dump (`NLMSG_DONE`, or an error).
+pub fn ends_dump(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while bytes.len() - at >= NLMSG_HDR {
+        let h = &bytes[at..];
+        let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let kind = u16::from_ne_bytes([h[4], h[5]]);
+        if kind == NLMSG_DONE || kind == NLMSG_ERROR {
+            return true;
+        }
+        if len < NLMSG_HDR || len > h.len() {
+            return false;
+        }
+        at += (len + 3) & !3;
+    }
+    false
+}
+
+/// A dump request (`inet_diag_req_v2`) for the connected TCP sockets of one family.
+fn dump_request(family: u8, seq: u32) -> Vec<u8> {
+    // ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING:
+    // a connection that leaves this set has closed (TIME_WAIT and CLOSE are left out).
+    const CONNECTED: u32 =
+        (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+    const NLM_F_REQUEST_DUMP: u16 = 0x1 | 0x300;
+    let mut m = Vec::with_capacity(NLMSG_HDR + 56);
+    m.extend_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+    m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    m.extend_from_slice(&NLM_F_REQUEST_DUMP.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[family, 6 /* IPPROTO_TCP */, 0, 0]);
+    m.extend_from_slice(&CONNECTED.to_ne_bytes());
+    m.extend_from_slice(&[0u8; 48]);
+    m
 }
 
 /// Every `inet_diag_msg` in one netlink datagram. Lengths are checked before every read: a
@@ -141,19 +185,56 @@ pub enum WatchError {
     Io(#[from] std::io::Error),
 }
 
-/// Opens a netlink socket joined to the TCP-destroy groups in the calling thread's network
-/// namespace.
-pub fn open_destroy_socket() -> Result<OwnedFd, WatchError> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    // A bigger buffer where allowed; the default still works.
-    let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, TCP_DESTROY_GROUPS))?;
-    Ok(fd)
+/// How the watcher learns of closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The kernel announces every destroyed TCP socket.
+    Destroy,
+    /// Dump the connected sockets this often and report those that vanished.
+    Poll(std::time::Duration),
+}
+
+/// A netlink `sock_diag` socket in the calling thread's network namespace, with the mode it
+/// can serve.
+#[derive(Debug)]
+pub struct DiagSocket {
+    fd: OwnedFd,
+    mode: Mode,
+}
+
+impl DiagSocket {
+    /// Joins the TCP-destroy groups; when the kernel refuses them, falls back to dumping every
+    /// `poll` (tcp-info's own method). `force_poll` skips the groups (benchmarks, tests).
+    pub fn open(poll: std::time::Duration, force_poll: bool) -> Result<Self, WatchError> {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        // A bigger buffer where allowed; the default still works.
+        let _ = setsockopt(&fd, sockopt::RcvBuf, &RCVBUF);
+        let destroy = !force_poll
+            && bind(fd.as_raw_fd(), &NetlinkAddr::new(0, TCP_DESTROY_GROUPS))
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, ?poll, "kernel refuses the TCP-destroy groups; polling instead");
+                })
+                .is_ok();
+        if !destroy {
+            bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        }
+        let mode = if destroy {
+            Mode::Destroy
+        } else {
+            Mode::Poll(poll)
+        };
+        Ok(Self { fd, mode })
+    }
+
+    /// How this socket learns of closes.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
 }
 
 /// The connection-id prefix tcp-info uses: `<hostname>_<boot time in unix seconds>`.
@@ -228,55 +309,119 @@ impl HostSockets {
         })
     }
 
-    /// Reads destroyed sockets from `fd` (see [`open_destroy_socket`]) until `stop`, and hands
-    /// their close events to `pipeline` without ever waiting on it.
+    /// Learns of closes through `socket` until `stop`, and hands their events to `pipeline`
+    /// without ever waiting on it.
     pub async fn run(
         self,
-        fd: OwnedFd,
+        socket: DiagSocket,
         pipeline: Arc<Pipeline>,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) -> Result<(), WatchError> {
-        // SAFETY: an `OwnedFd` owns one open descriptor for as long as it lives and always
-        // returns that same descriptor from `as_raw_fd`; the `AsyncFd` owns the `OwnedFd`.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let (events, mut intake) = mpsc::channel::<RawEvent>(self.config.queue.max(1));
         let feeder = tokio::spawn(async move {
             while let Some(event) = intake.recv().await {
                 let _ = pipeline.report(event, Source::HostSockets).await;
             }
         });
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let mut ready = tokio::select! {
-                ready = fd.readable() => ready?,
-                _ = stop.wait_for(|s| *s) => break,
-            };
-            match recv(
-                fd.get_ref().as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::empty(),
-            ) {
-                Ok(n) => {
-                    for destroyed in parse_datagram(&buf[..n]) {
-                        if let Some(event) = self.event(&destroyed) {
-                            if events.try_send(event).is_ok() {
-                                self.count("reported");
-                            } else {
-                                self.count("queue_full");
-                            }
-                        }
-                    }
-                }
-                Err(nix::Error::EAGAIN) => ready.clear_ready(),
-                // The kernel dropped messages for a full buffer: counted, and reading goes on.
-                Err(nix::Error::ENOBUFS) => self.count("kernel_overflow"),
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let result = self.watch(socket, &events, stop).await;
         drop(events);
         let _ = feeder.await;
-        Ok(())
+        result
+    }
+
+    /// Learns of closes through `socket` until `stop` and sends their events to `events`.
+    pub async fn watch(
+        &self,
+        socket: DiagSocket,
+        events: &mpsc::Sender<RawEvent>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), WatchError> {
+        let mode = socket.mode;
+        // SAFETY: an `OwnedFd` owns one open descriptor for as long as it lives and always
+        // returns that same descriptor from `as_raw_fd`; the `AsyncFd` owns the `OwnedFd`.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(socket.fd, tokio::io::Interest::READABLE) }
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let closed = |d: &Destroyed| {
+            if let Some(event) = self.event(d) {
+                if events.try_send(event).is_ok() {
+                    self.count("reported");
+                } else {
+                    self.count("queue_full");
+                }
+            }
+        };
+        match mode {
+            Mode::Destroy => loop {
+                let mut ready = tokio::select! {
+                    ready = fd.readable() => ready?,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                match recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::empty()) {
+                    Ok(n) => parse_datagram(&buf[..n]).iter().for_each(closed),
+                    Err(nix::Error::EAGAIN) => ready.clear_ready(),
+                    // The kernel dropped messages for a full buffer: counted, reading goes on.
+                    Err(nix::Error::ENOBUFS) => self.count("kernel_overflow"),
+                    Err(e) => return Err(e.into()),
+                }
+            },
+            Mode::Poll(every) => {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut known: Option<HashMap<u64, Destroyed>> = None;
+                let mut seq = 0u32;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    }
+                    let mut now = HashMap::new();
+                    for family in [2u8, 10] {
+                        seq = seq.wrapping_add(1);
+                        send(
+                            fd.get_ref().as_raw_fd(),
+                            &dump_request(family, seq),
+                            MsgFlags::empty(),
+                        )?;
+                        read_dump(&fd, &mut buf, &mut now).await?;
+                    }
+                    // The first dump is the baseline: only later disappearances are closes.
+                    if let Some(before) = known.take() {
+                        before
+                            .values()
+                            .filter(|d| !now.contains_key(&d.cookie))
+                            .for_each(closed);
+                    }
+                    known = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// Reads one dump's replies into `into` (by cookie), until its end.
+async fn read_dump(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+    into: &mut HashMap<u64, Destroyed>,
+) -> Result<(), WatchError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut ready = tokio::time::timeout_at(deadline, fd.readable())
+            .await
+            .map_err(|_| std::io::Error::other("sock_diag dump did not finish in 5 s"))??;
+        match recv(fd.get_ref().as_raw_fd(), buf, MsgFlags::empty()) {
+            Ok(n) => {
+                let bytes = &buf[..n];
+                into.extend(parse_datagram(bytes).into_iter().map(|d| (d.cookie, d)));
+                if ends_dump(bytes) {
+                    return Ok(());
+                }
+            }
+            Err(nix::Error::EAGAIN) => ready.clear_ready(),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -392,6 +537,33 @@ mod tests {
             w.event(&d("192.0.2.9", 40000, 443)).is_none(),
             "excluded prefix"
         );
+    }
+
+    #[test]
+    fn dump_requests_and_their_end() {
+        let req = dump_request(10, 7);
+        assert_eq!(req.len(), NLMSG_HDR + 56);
+        assert_eq!(
+            u32::from_ne_bytes(req[0..4].try_into().expect("4")) as usize,
+            req.len()
+        );
+        assert_eq!(u16::from_ne_bytes([req[4], req[5]]), SOCK_DIAG_BY_FAMILY);
+        assert_eq!(
+            u16::from_ne_bytes([req[6], req[7]]),
+            0x301,
+            "request | dump"
+        );
+        assert_eq!((req[16], req[17]), (10, 6), "family, IPPROTO_TCP");
+        let states = u32::from_ne_bytes(req[20..24].try_into().expect("4"));
+        assert_eq!(states & (1 << 6), 0, "TIME_WAIT is not a live connection");
+        assert_ne!(states & (1 << 1), 0, "ESTABLISHED is");
+        let mut done = vec![0u8; NLMSG_HDR + 4];
+        done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        let socket = message(2, &[1, 2, 3, 4], 1, &[5, 6, 7, 8], 2, 3);
+        assert!(!ends_dump(&socket));
+        assert!(ends_dump(&[socket.clone(), done].concat()));
+        assert!(!ends_dump(&socket[..10]));
     }
 
     #[test]
