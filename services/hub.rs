@@ -212,7 +212,7 @@ impl Hub {
         let hub = Arc::clone(self);
         tokio::spawn(async move {
             hub.counters.subscribers.inc();
-            let _ = hub.run_subscription(&store, after, &filter, &out).await;
+            let _ = hub.run_subscription(store, after, &filter, &out).await;
             hub.counters.subscribers.dec();
         });
         rx
@@ -221,7 +221,7 @@ impl Hub {
     /// The subscription loop; returns `Err` when the subscriber has gone away.
     async fn run_subscription(
         &self,
-        store: &TraceStore,
+        store: Arc<TraceStore>,
         after: Option<Cursor>,
         filter: &Filter,
         out: &mpsc::Sender<SubscriptionEvent>,
@@ -269,11 +269,24 @@ impl Hub {
                 if !filter.matches(entry.dst, &entry.backend, entry.cached) {
                     continue;
                 }
-                let event = match store
-                    .read(&entry.rel_path)
-                    .map_err(crate::record::RecordError::from)
-                    .and_then(|file| TraceRecord::from_file(file, entry.backend, entry.labels))
-                {
+                // Reading back is file I/O and parsing: off the async threads.
+                let store = Arc::clone(&store);
+                let read = tokio::task::spawn_blocking(move || {
+                    store
+                        .read(&entry.rel_path)
+                        .map_err(crate::record::RecordError::from)
+                        .and_then(|file| TraceRecord::from_file(file, entry.backend, entry.labels))
+                })
+                .await;
+                let read = read.unwrap_or_else(|e| {
+                    Err(crate::record::RecordError::Store(
+                        crate::store::StoreError::Malformed {
+                            path: String::new(),
+                            why: format!("read-back task failed: {e}"),
+                        },
+                    ))
+                });
+                let event = match read {
                     Ok(mut record) => {
                         record.cursor = Some(cursor(entry.seq));
                         SubscriptionEvent::Record(Arc::new(record))
