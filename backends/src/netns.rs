@@ -89,12 +89,6 @@ impl NetNs {
         })
     }
 
-    /// Joins this namespace from the current thread. Meant for a child between `fork` and
-    /// `exec` (see [`crate::ScamperProcess`]); anywhere else prefer [`NetNs::run_inside`].
-    pub(crate) fn enter(fd: BorrowedFd<'_>) -> nix::Result<()> {
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
-    }
-
     /// `(st_dev, st_ino)` of the namespace: equal ids mean the same namespace.
     pub fn id(&self) -> std::io::Result<(u64, u64)> {
         let meta = self.file.metadata()?;

@@ -3,7 +3,6 @@
 
 use std::{
     ffi::OsStr,
-    os::fd::AsFd,
     process::{ExitStatus, Stdio},
     time::Duration,
 };
@@ -44,16 +43,21 @@ pub(crate) fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(ns) = netns {
-        let fd = ns.as_fd().try_clone_to_owned()?;
-        // SAFETY: the closure runs in the forked child before exec. It only calls setns(2),
-        // which is async-signal-safe, on a descriptor the closure owns; it allocates nothing
-        // and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || NetNs::enter(fd.as_fd()).map_err(std::io::Error::from));
+    let spawned = match netns {
+        None => cmd.spawn(),
+        // The child inherits the network namespace of the thread that starts it, so it is
+        // started from a thread that joined `ns`. Unlike a `pre_exec` hook (which makes std
+        // fall back to a full fork of this large process), this keeps posix_spawn.
+        Some(ns) => {
+            let runtime = tokio::runtime::Handle::current();
+            ns.run_inside(|| {
+                let _in_runtime = runtime.enter();
+                cmd.spawn()
+            })
+            .map_err(std::io::Error::from)?
         }
-    }
-    let child = cmd.spawn().map_err(|source| TraceError::Spawn {
+    };
+    let child = spawned.map_err(|source| TraceError::Spawn {
         program: program.to_string_lossy().into_owned(),
         source,
     })?;
