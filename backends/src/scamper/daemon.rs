@@ -65,8 +65,9 @@ impl Default for DaemonOptions {
 /// What the supervisor knows of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
-    /// Starting (or restarting) and not yet answering.
-    Starting,
+    /// Starting (or restarting) and not yet answering; why the previous daemon ended, if one
+    /// did.
+    Starting(Option<String>),
     /// Answering on its socket; the number counts the daemons started so far.
     Ready(u64),
     /// Not running; why, and a restart is coming.
@@ -123,7 +124,7 @@ impl ScamperDaemon {
                 (Some(dir), socket)
             }
         };
-        let (state_tx, state) = watch::channel(State::Starting);
+        let (state_tx, state) = watch::channel(State::Starting(None));
         let (stop, stopped) = watch::channel(false);
         let restarts = Arc::new(AtomicU64::new(0));
         let pid = Arc::new(AtomicU64::new(0));
@@ -228,8 +229,10 @@ impl Tracer for ScamperDaemon {
             Ok(result) => result,
             // Out of time while no daemon answered: that, not the trace, is the failure.
             Err(_) => Err(match &*self.state.borrow() {
-                State::Down(reason) => TraceError::DaemonUnavailable(reason.clone()),
-                State::Starting => TraceError::DaemonUnavailable(
+                State::Down(reason) | State::Starting(Some(reason)) => {
+                    TraceError::DaemonUnavailable(reason.clone())
+                }
+                State::Starting(None) => TraceError::DaemonUnavailable(
                     "the daemon did not come up within the trace's deadline".into(),
                 ),
                 _ => TraceError::Timeout(request.limits.deadline),
@@ -279,16 +282,18 @@ impl Supervisor {
         let (first, longest) = self.options.backoff;
         let mut backoff = first;
         let mut generation = 0;
+        let mut last_failure = None;
         loop {
             generation += 1;
             let started = Instant::now();
-            let Some(reason) = self.run_once(generation).await else {
+            let Some(reason) = self.run_once(generation, last_failure.take()).await else {
                 self.state.send_replace(State::Stopped);
                 let _ = std::fs::remove_file(&self.socket);
                 return;
             };
             tracing::warn!(%reason, ?backoff, "scamper daemon down; restarting");
-            self.state.send_replace(State::Down(reason));
+            self.state.send_replace(State::Down(reason.clone()));
+            last_failure = Some(reason);
             self.restarts.fetch_add(1, Ordering::Relaxed);
             if started.elapsed() >= HEALTHY_AFTER {
                 backoff = first;
@@ -305,11 +310,11 @@ impl Supervisor {
     }
 
     /// Starts the daemon and returns why it ended, or `None` when it was stopped.
-    async fn run_once(&mut self, generation: u64) -> Option<String> {
+    async fn run_once(&mut self, generation: u64, last_failure: Option<String>) -> Option<String> {
         if *self.stop.borrow() {
             return None;
         }
-        self.state.send_replace(State::Starting);
+        self.state.send_replace(State::Starting(last_failure));
         // scamper leaves its socket behind when it dies: a stale one would refuse the bind.
         let _ = std::fs::remove_file(&self.socket);
         let args = vec![
@@ -647,8 +652,10 @@ mod tests {
                 None,
             )
             .expect("supervisor starts");
+            // Long enough for the first attempt to have failed however loaded the machine is
+            // (the supervisor retries every 10-20 ms); the reason must survive restarts.
             let err = daemon
-                .trace(&request(Duration::from_millis(300)))
+                .trace(&request(Duration::from_secs(2)))
                 .await
                 .expect_err("no daemon");
             assert!(
