@@ -11,6 +11,7 @@
 //! - [`ScamperDaemon`]: one supervised `scamper` daemon shared by all traces, driven over its
 //!   control socket, one session per trace within a bounded window.
 
+pub mod engine;
 mod error;
 mod netns;
 mod output;
@@ -18,6 +19,8 @@ mod process_group;
 mod request;
 pub mod scamper;
 pub mod scamper_json;
+#[cfg(test)]
+mod test_rng;
 
 use async_trait::async_trait;
 

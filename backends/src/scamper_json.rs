@@ -1494,23 +1494,7 @@ mod tests {
         expect_hops(&ok_empty, &[(2, "192.0.2.10", Other, 0)]);
     }
 
-    /// xorshift64*: a small deterministic generator so the robustness tests need no extra
-    /// dependency (the backends crate has no proptest) and fail the same way every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            // n is small and nonzero at every call site; the modulo bias does not matter here.
-            usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
-        }
-    }
+    use crate::test_rng::Rng;
 
     #[test]
     fn every_truncation_of_every_fixture_is_rejected_without_panic() {
