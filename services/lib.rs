@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod record;
+pub mod scheduler;
 pub mod server;
 pub mod sources;
 pub mod store;

@@ -19,8 +19,7 @@ use std::{
 
 use hoptrace_backends::{Limits, Method, TraceError, TraceRequest, Tracer};
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot, watch},
-    task::JoinSet,
+    sync::{Semaphore, oneshot, watch},
     time::Instant,
 };
 
@@ -32,6 +31,7 @@ use crate::{
     metrics::{Metrics, OutcomeLabel, ReasonLabel},
     policy::{Policy, Refusal},
     record::TraceRecord,
+    scheduler::{self, Jobs, Scheduler, SchedulerMetrics, scheduler},
     store::{StoreError, TraceStore},
 };
 
@@ -141,14 +141,12 @@ pub struct PipelineConfig {
 }
 
 /// The queue's receiving end, handed to [`Pipeline::run_workers`].
-#[derive(Debug)]
-pub struct JobQueue(mpsc::Receiver<Job>);
+pub type JobQueue = Jobs<Job>;
 
 /// A queued trace.
 #[derive(Debug)]
 pub struct Job {
     flight: Flight,
-    enqueued: Instant,
 }
 
 /// Ownership of a running trace to one destination. Dropped without [`Flight::take_owner`],
@@ -187,9 +185,8 @@ pub struct Pipeline {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     config: PipelineConfig,
-    queue: mpsc::Sender<Job>,
+    scheduler: Scheduler<Job>,
     cached_writes: Arc<Semaphore>,
-    running: AtomicU64,
     on_demand_seq: AtomicU64,
 }
 
@@ -205,7 +202,14 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         config: PipelineConfig,
     ) -> (Arc<Self>, JobQueue) {
-        let (queue, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (scheduler, jobs) = scheduler(
+            config.queue_capacity,
+            config.concurrency,
+            SchedulerMetrics {
+                depth: metrics.queue_depth.clone(),
+                wait: metrics.queue_wait.clone(),
+            },
+        );
         let pipeline = Arc::new(Self {
             tracer,
             policy,
@@ -216,11 +220,10 @@ impl Pipeline {
             metrics: Arc::clone(&metrics),
             cached_writes: Arc::new(Semaphore::new(config.cached_writes.max(1))),
             config,
-            queue,
-            running: AtomicU64::new(0),
+            scheduler,
             on_demand_seq: AtomicU64::new(0),
         });
-        (pipeline, JobQueue(rx))
+        (pipeline, jobs)
     }
 
     /// The backend's name.
@@ -256,13 +259,7 @@ impl Pipeline {
 
     /// (queued, queue capacity, running, concurrency).
     pub fn queue_state(&self) -> (usize, usize, u64, usize) {
-        let capacity = self.queue.max_capacity();
-        (
-            capacity - self.queue.capacity(),
-            capacity,
-            self.running.load(Ordering::Relaxed),
-            self.config.concurrency,
-        )
+        self.scheduler.state()
     }
 
     /// Drops expired cache entries and updates the cache gauge.
@@ -383,17 +380,9 @@ impl Pipeline {
                     dst,
                     owner: Some(owner),
                 };
-                let job = Job {
-                    flight,
-                    enqueued: Instant::now(),
-                };
-                match self.queue.try_send(job) {
-                    Ok(()) => {
-                        self.metrics.queue_depth.inc();
-                        Ok(Disposition::Scheduled)
-                    }
-                    Err(full) => {
-                        let mut job = full.into_inner();
+                match self.scheduler.try_submit(Job { flight }) {
+                    Ok(()) => Ok(Disposition::Scheduled),
+                    Err(mut job) => {
                         let owner = job.flight.take_owner();
                         let waiters = self.cache.abandon(dst);
                         let why = Refusal::QueueFull;
@@ -492,55 +481,18 @@ impl Pipeline {
     /// stopped (their process groups killed) and aborted.
     pub async fn run_workers(
         self: Arc<Self>,
-        JobQueue(mut queue): JobQueue,
-        mut shutdown: watch::Receiver<bool>,
+        jobs: JobQueue,
+        shutdown: watch::Receiver<bool>,
         grace: Duration,
     ) {
-        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
-        let mut running = JoinSet::new();
-        loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&permits).acquire_owned() => p,
-                _ = shutdown.wait_for(|stop| *stop) => break,
-            };
-            let Ok(permit) = permit else { break };
-            let job = tokio::select! {
-                job = queue.recv() => job,
-                _ = shutdown.wait_for(|stop| *stop) => break,
-            };
-            let Some(job) = job else { break };
-            let pipeline = Arc::clone(&self);
-            running.spawn(async move {
-                pipeline.execute(job).await;
-                drop(permit);
-            });
-            while running.try_join_next().is_some() {}
-        }
-        queue.close();
-        while let Ok(job) = queue.try_recv() {
-            self.metrics.queue_depth.dec();
-            drop(job);
-        }
-        if tokio::time::timeout(grace, async {
-            while running.join_next().await.is_some() {}
+        scheduler::run(jobs, shutdown, grace, move |job| {
+            Arc::clone(&self).execute(job)
         })
-        .await
-        .is_err()
-        {
-            tracing::warn!(
-                running = running.len(),
-                "shutdown grace over: stopping running traces"
-            );
-            running.shutdown().await;
-        }
+        .await;
     }
 
     async fn execute(self: Arc<Self>, mut job: Job) {
         let dst = job.flight.dst;
-        self.metrics.queue_depth.dec();
-        self.metrics
-            .queue_wait
-            .observe(job.enqueued.elapsed().as_secs_f64());
         let request = TraceRequest {
             dst,
             method: self.config.method,
@@ -548,10 +500,8 @@ impl Pipeline {
             source_port: self.config.source_port,
         };
         self.metrics.traces_in_progress.inc();
-        self.running.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = self.tracer.trace(&request).await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
         self.metrics.traces_in_progress.dec();
         self.metrics.traces_performed.inc();
         self.metrics
