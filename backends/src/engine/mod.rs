@@ -3,8 +3,9 @@
 //! Probes carry their own state in their headers, so a reply is matched to its probe without a
 //! per-probe table: the TTL and attempt are read back from the quoted (or echoed) headers, and a
 //! keyed tag ([`ProbeKey`], SipHash-2-4) computed over (destination, protocol, ports, TTL,
-//! attempt) rejects forged, corrupted or replayed replies. Nothing here opens a socket: it is
-//! pure byte encoding and decoding.
+//! attempt) rejects forged, corrupted or replayed replies. Encoding and decoding are pure byte
+//! work; [`ProbeSockets`] (raw sockets opened inside a checked network namespace) and
+//! [`trace_paris`] (a minimal blocking trace) send and receive them.
 //!
 //! # Paris rule
 //!
@@ -46,6 +47,7 @@
 mod decode;
 mod key;
 mod probe;
+mod socket;
 #[cfg(test)]
 mod tests;
 
@@ -56,6 +58,10 @@ use crate::Probe;
 pub use decode::{decode_icmp6, decode_tcp6, decode_v4};
 pub use key::ProbeKey;
 pub use probe::encode;
+pub use socket::{
+    EngineError, MAX_READS_PER_TRACE, ParisTrace, ProbeSockets, RECV_BUFFER, RECV_POLL,
+    ensure_thread_in, thread_ns_id, trace_paris,
+};
 
 /// Highest TTL a probe can carry: the TTL gets 6 bits of the state word.
 pub const MAX_TTL: u8 = 63;
