@@ -12,14 +12,41 @@ use super::probe::{PAYLOAD_LEN, Tags, split_state, split_tcp_seq};
 use super::{Kind, ProbeId, ProbeKey, Reply, Stray};
 use crate::Probe;
 
-/// ICMPv4 types (RFC 792) a probe can elicit.
-const V4_ECHO_REPLY: u8 = 0;
-const V4_UNREACHABLE: u8 = 3;
-const V4_TIME_EXCEEDED: u8 = 11;
-/// ICMPv6 types (RFC 4443) a probe can elicit.
-const V6_UNREACHABLE: u8 = 1;
-const V6_TIME_EXCEEDED: u8 = 3;
-const V6_ECHO_REPLY: u8 = 129;
+/// The ICMP types a probe can elicit, per family (ICMPv4: RFC 792; ICMPv6: RFC 4443).
+struct IcmpTypes {
+    echo_reply: u8,
+    unreachable: u8,
+    time_exceeded: u8,
+}
+
+const V4: IcmpTypes = IcmpTypes {
+    echo_reply: 0,
+    unreachable: 3,
+    time_exceeded: 11,
+};
+
+const V6: IcmpTypes = IcmpTypes {
+    echo_reply: 129,
+    unreachable: 1,
+    time_exceeded: 3,
+};
+
+/// What an ICMP message is, by its type: an error quoting a probe, an echo reply, or neither.
+enum Icmp {
+    Error(Kind),
+    EchoReply,
+}
+
+impl IcmpTypes {
+    fn classify(&self, icmp_type: u8, code: u8) -> Result<Icmp, Stray> {
+        match icmp_type {
+            t if t == self.time_exceeded => Ok(Icmp::Error(Kind::TimeExceeded)),
+            t if t == self.unreachable => Ok(Icmp::Error(Kind::Unreachable { code })),
+            t if t == self.echo_reply => Ok(Icmp::EchoReply),
+            icmp_type => Err(Stray::UnknownType { icmp_type, code }),
+        }
+    }
+}
 
 /// The probe a reply was matched to (everything of [`Reply`] but who answered and how).
 struct Matched {
@@ -68,23 +95,14 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
         IpNumber::ICMP => {
             let icmp = Icmpv4Slice::from_slice(payload.payload)
                 .map_err(|_: LenError| Stray::Truncated("ICMP header"))?;
-            let kind = match icmp.type_u8() {
-                V4_TIME_EXCEEDED => Kind::TimeExceeded,
-                V4_UNREACHABLE => Kind::Unreachable {
-                    code: icmp.code_u8(),
-                },
-                V4_ECHO_REPLY => {
+            let kind = match V4.classify(icmp.type_u8(), icmp.code_u8())? {
+                Icmp::Error(kind) => kind,
+                Icmp::EchoReply => {
                     let Icmpv4Type::EchoReply(echo) = icmp.icmp_type() else {
                         return Err(Stray::NotOurProbe);
                     };
                     return echo_reply(echo, icmp.payload(), from, key)
                         .map(|m| m.reply(from, Kind::EchoReply, reply_ttl));
-                }
-                icmp_type => {
-                    return Err(Stray::UnknownType {
-                        icmp_type,
-                        code: icmp.code_u8(),
-                    });
                 }
             };
             quoted_v4(icmp.payload(), key).map(|m| m.reply(from, kind, reply_ttl))
@@ -104,23 +122,14 @@ pub fn decode_icmp6(
     let icmp = Icmpv6Slice::from_slice(message)
         .map_err(|_: LenError| Stray::Truncated("ICMPv6 header"))?;
     let from = IpAddr::V6(from);
-    let kind = match icmp.type_u8() {
-        V6_TIME_EXCEEDED => Kind::TimeExceeded,
-        V6_UNREACHABLE => Kind::Unreachable {
-            code: icmp.code_u8(),
-        },
-        V6_ECHO_REPLY => {
+    let kind = match V6.classify(icmp.type_u8(), icmp.code_u8())? {
+        Icmp::Error(kind) => kind,
+        Icmp::EchoReply => {
             let Icmpv6Type::EchoReply(echo) = icmp.icmp_type() else {
                 return Err(Stray::NotOurProbe);
             };
             return echo_reply(echo, icmp.payload(), from, key)
                 .map(|m| m.reply(from, Kind::EchoReply, hop_limit));
-        }
-        icmp_type => {
-            return Err(Stray::UnknownType {
-                icmp_type,
-                code: icmp.code_u8(),
-            });
         }
     };
     quoted_v6(icmp.payload(), key).map(|m| m.reply(from, kind, hop_limit))
