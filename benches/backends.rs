@@ -11,6 +11,8 @@
 
 #[path = "../tests/common/lab.rs"]
 mod lab;
+#[path = "../tests/common/requests.rs"]
+mod requests;
 
 use std::{
     collections::HashMap,
@@ -23,8 +25,8 @@ use std::{
 };
 
 use hoptrace_backends::{
-    DaemonOptions, Limits, Method, NetNs, Probe, ScamperDaemon, ScamperOptions, ScamperProcess,
-    TraceOutput, TraceRequest, Tracer, scamper::command,
+    DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, TraceOutput, TraceRequest,
+    Tracer, scamper::command,
 };
 use lab::{Lab, ns_id_of_pid};
 use nix::sys::resource::{UsageWho, getrusage};
@@ -273,18 +275,7 @@ fn describe(system: System, sample: &Sample) -> String {
 
 /// The request every system runs, per destination: the Paris UDP trace.
 fn paris_request(dst: IpAddr) -> TraceRequest {
-    TraceRequest {
-        dst,
-        method: Method::Paris(Probe::Udp),
-        limits: Limits {
-            max_ttl: 8,
-            attempts: 2,
-            wait: Duration::from_secs(1),
-            probe_budget: 100,
-            deadline: TRACE_DEADLINE,
-        },
-        source_port: None,
-    }
+    requests::paris_request(dst, TRACE_DEADLINE)
 }
 
 /// The backends' scamper command without its destination, for the list peer's `-c`: the

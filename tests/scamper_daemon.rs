@@ -6,8 +6,9 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{
-    backends::{lab_daemon, paris_request},
+    backends::lab_daemon,
     lab::{Lab, require_root},
+    requests::paris_request,
 };
 use hoptrace_backends::{DaemonOptions, Tracer};
 

@@ -8,9 +8,10 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{
-    backends::{lab_daemon, paris_request},
+    backends::lab_daemon,
     lab::{Lab, require_root},
     procs,
+    requests::paris_request,
 };
 use hoptrace_backends::{DaemonOptions, TraceError, Tracer};
 use nix::{sys::signal::Signal, unistd::Pid};

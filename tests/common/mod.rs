@@ -4,4 +4,5 @@
 pub mod backends;
 pub mod lab;
 pub mod procs;
+pub mod requests;
 pub mod server;
