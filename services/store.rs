@@ -126,24 +126,9 @@ impl StoredFile {
     }
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// `(YYYY/MM/DD, YYYYMMDDTHHMMSSZ)` for a unix time in seconds, UTC.
 fn date_parts(unix: i64) -> (String, String) {
-    let (y, m, d) = civil_from_days(unix.div_euclid(86_400));
+    let (y, m, d) = hoptrace_backends::civil::civil_from_days(unix.div_euclid(86_400));
     let secs = unix.rem_euclid(86_400);
     let (hh, mm, ss) = (secs / 3600, secs / 60 % 60, secs % 60);
     (

@@ -46,6 +46,12 @@ pub enum TraceError {
     /// The daemon's control stream broke the protocol.
     #[error("scamper control protocol: {0}")]
     Protocol(#[from] crate::scamper::control::ControlError),
+    /// The in-process engine could not probe (sockets, routes, sends).
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    /// The backend cannot run this kind of trace.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// Reading from or waiting for the tracer failed.
     #[error("i/o with the tracer: {0}")]
     Io(#[from] std::io::Error),
@@ -53,7 +59,7 @@ pub enum TraceError {
 
 impl TraceError {
     /// Every [`TraceError::kind`] label, for metrics that list them up front.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 12] = [
         "timeout",
         "spawn",
         "exited",
@@ -63,6 +69,8 @@ impl TraceError {
         "daemon_unavailable",
         "refused",
         "protocol",
+        "engine",
+        "unsupported",
         "io",
     ];
 
@@ -78,6 +86,8 @@ impl TraceError {
             TraceError::DaemonUnavailable(_) => "daemon_unavailable",
             TraceError::Refused(_) => "refused",
             TraceError::Protocol(_) => "protocol",
+            TraceError::Engine(_) => "engine",
+            TraceError::Unsupported(_) => "unsupported",
             TraceError::Io(_) => "io",
         }
     }

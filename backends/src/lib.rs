@@ -11,6 +11,7 @@
 //! - [`ScamperDaemon`]: one supervised `scamper` daemon shared by all traces, driven over its
 //!   control socket, one session per trace within a bounded window.
 
+pub mod civil;
 pub mod engine;
 mod error;
 mod netns;

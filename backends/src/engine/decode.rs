@@ -9,7 +9,7 @@ use etherparse::{IcmpEchoHeader, Icmpv4Slice, Icmpv4Type, Icmpv6Slice, Icmpv6Typ
 use etherparse::{Ipv4Slice, LaxIpv4Slice, LaxIpv6Slice, TcpSlice, UdpHeaderSlice};
 
 use super::probe::{PAYLOAD_LEN, Tags, split_state, split_tcp_seq};
-use super::{Kind, ProbeId, ProbeKey, Reply, Stray};
+use super::{Kind, ProbeId, ProbeKey, Reply, ReplyPacket, Stray};
 use crate::Probe;
 
 /// The ICMP types a probe can elicit, per family (ICMPv4: RFC 792; ICMPv6: RFC 4443).
@@ -56,10 +56,12 @@ struct Matched {
     dport: u16,
     id: ProbeId,
     quoted_ttl: Option<u8>,
+    quoted_len: u16,
+    quoted_tos: u8,
 }
 
 impl Matched {
-    fn reply(self, from: IpAddr, kind: Kind, reply_ttl: u8) -> Reply {
+    fn reply(self, from: IpAddr, kind: Kind, reply_ttl: u8, packet: ReplyPacket) -> Reply {
         Reply {
             from,
             kind,
@@ -70,6 +72,11 @@ impl Matched {
             id: self.id,
             reply_ttl,
             quoted_ttl: self.quoted_ttl,
+            packet: ReplyPacket {
+                quoted_len: self.quoted_len,
+                quoted_tos: self.quoted_tos,
+                ..packet
+            },
         }
     }
 }
@@ -82,6 +89,12 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
     })?;
     let from = IpAddr::V4(ip.header().source_addr());
     let reply_ttl = ip.header().ttl();
+    let mut packet = ReplyPacket {
+        size: ip.header().total_len(),
+        tos: ip.header().slice()[1],
+        ipid: ip.header().identification(),
+        ..ReplyPacket::default()
+    };
     let payload = ip.payload();
     if payload.fragmented {
         // Raw sockets see reassembled datagrams; a fragment is nobody's reply.
@@ -90,11 +103,12 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
     match payload.ip_number {
         IpNumber::TCP => {
             let to = IpAddr::V4(ip.header().destination_addr());
-            decode_tcp(payload.payload, from, to, reply_ttl, key)
+            decode_tcp(payload.payload, from, to, reply_ttl, packet, key)
         }
         IpNumber::ICMP => {
             let icmp = Icmpv4Slice::from_slice(payload.payload)
                 .map_err(|_: LenError| Stray::Truncated("ICMP header"))?;
+            packet.icmp = Some((icmp.type_u8(), icmp.code_u8()));
             let kind = match V4.classify(icmp.type_u8(), icmp.code_u8())? {
                 Icmp::Error(kind) => kind,
                 Icmp::EchoReply => {
@@ -102,10 +116,10 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
                         return Err(Stray::NotOurProbe);
                     };
                     return echo_reply(echo, icmp.payload(), from, key)
-                        .map(|m| m.reply(from, Kind::EchoReply, reply_ttl));
+                        .map(|m| m.reply(from, Kind::EchoReply, reply_ttl, packet));
                 }
             };
-            quoted_v4(icmp.payload(), key).map(|m| m.reply(from, kind, reply_ttl))
+            quoted_v4(icmp.payload(), key).map(|m| m.reply(from, kind, reply_ttl, packet))
         }
         other => Err(Stray::UnexpectedProtocol(other.0)),
     }
@@ -122,6 +136,11 @@ pub fn decode_icmp6(
     let icmp = Icmpv6Slice::from_slice(message)
         .map_err(|_: LenError| Stray::Truncated("ICMPv6 header"))?;
     let from = IpAddr::V6(from);
+    let packet = ReplyPacket {
+        size: v6_size(message.len()),
+        icmp: Some((icmp.type_u8(), icmp.code_u8())),
+        ..ReplyPacket::default()
+    };
     let kind = match V6.classify(icmp.type_u8(), icmp.code_u8())? {
         Icmp::Error(kind) => kind,
         Icmp::EchoReply => {
@@ -129,10 +148,10 @@ pub fn decode_icmp6(
                 return Err(Stray::NotOurProbe);
             };
             return echo_reply(echo, icmp.payload(), from, key)
-                .map(|m| m.reply(from, Kind::EchoReply, hop_limit));
+                .map(|m| m.reply(from, Kind::EchoReply, hop_limit, packet));
         }
     };
-    quoted_v6(icmp.payload(), key).map(|m| m.reply(from, kind, hop_limit))
+    quoted_v6(icmp.payload(), key).map(|m| m.reply(from, kind, hop_limit, packet))
 }
 
 /// A TCP segment over IPv6 (raw TCP socket, no IP header), with the sender, our address (for
@@ -144,7 +163,23 @@ pub fn decode_tcp6(
     hop_limit: u8,
     key: &ProbeKey,
 ) -> Result<Reply, Stray> {
-    decode_tcp(segment, IpAddr::V6(from), IpAddr::V6(to), hop_limit, key)
+    let packet = ReplyPacket {
+        size: v6_size(segment.len()),
+        ..ReplyPacket::default()
+    };
+    decode_tcp(
+        segment,
+        IpAddr::V6(from),
+        IpAddr::V6(to),
+        hop_limit,
+        packet,
+        key,
+    )
+}
+
+/// The length of an IPv6 packet whose payload (no extension headers) is `payload` bytes.
+fn v6_size(payload: usize) -> u16 {
+    u16::try_from(payload + 40).unwrap_or(u16::MAX)
 }
 
 /// The destination's RST or SYN-ACK: its ack is our SYN's sequence number + 1.
@@ -153,6 +188,7 @@ fn decode_tcp(
     from: IpAddr,
     to: IpAddr,
     reply_ttl: u8,
+    mut packet: ReplyPacket,
     key: &ProbeKey,
 ) -> Result<Reply, Stray> {
     let tcp = TcpSlice::from_slice(segment).map_err(|e| match e {
@@ -175,6 +211,7 @@ fn decode_tcp(
         _ => return Err(Stray::NotOurProbe),
     };
     // The reply goes from the flow's destination back to us: its ports are ours swapped.
+    packet.tcp_flags = Some(tcp_flags(&tcp));
     let (sport, dport) = (tcp.destination_port(), tcp.source_port());
     let seq = tcp.acknowledgment_number().wrapping_sub(1);
     let id = split_tcp_seq(seq).ok_or(Stray::NotOurProbe)?;
@@ -188,8 +225,27 @@ fn decode_tcp(
         dport,
         id,
         quoted_ttl: None,
+        quoted_len: 0,
+        quoted_tos: 0,
     };
-    Ok(matched.reply(from, kind, reply_ttl))
+    Ok(matched.reply(from, kind, reply_ttl, packet))
+}
+
+/// The flags byte of a TCP header (CWR ECE URG ACK PSH RST SYN FIN, high to low).
+fn tcp_flags(tcp: &TcpSlice) -> u8 {
+    [
+        tcp.fin(),
+        tcp.syn(),
+        tcp.rst(),
+        tcp.psh(),
+        tcp.ack(),
+        tcp.urg(),
+        tcp.ece(),
+        tcp.cwr(),
+    ]
+    .iter()
+    .enumerate()
+    .fold(0, |flags, (bit, &set)| flags | u8::from(set) << bit)
 }
 
 /// An echo reply (either family): the identifier is the flow's, the sequence number and the
@@ -213,6 +269,8 @@ fn echo_reply(
         dport: 0,
         id,
         quoted_ttl: None,
+        quoted_len: 0,
+        quoted_tos: 0,
     })
 }
 
@@ -302,6 +360,8 @@ fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
         dport,
         id,
         quoted_ttl: Some(header.ttl()),
+        quoted_len: header.total_len(),
+        quoted_tos: header.slice()[1],
     })
 }
 
@@ -364,6 +424,8 @@ fn quoted_v6(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
         dport,
         id,
         quoted_ttl: Some(header.hop_limit()),
+        quoted_len: header.payload_length().saturating_add(40),
+        quoted_tos: 0,
     })
 }
 

@@ -1,11 +1,11 @@
-//! The in-process traceroute engine: probe encoding and reply decoding (first increment).
+//! The in-process traceroute engine: [`Engine`], a [`Tracer`](crate::Tracer) on raw sockets.
 //!
 //! Probes carry their own state in their headers, so a reply is matched to its probe without a
 //! per-probe table: the TTL and attempt are read back from the quoted (or echoed) headers, and a
 //! keyed tag ([`ProbeKey`], SipHash-2-4) computed over (destination, protocol, ports, TTL,
 //! attempt) rejects forged, corrupted or replayed replies. Encoding and decoding are pure byte
-//! work; [`ProbeSockets`] (raw sockets opened inside a checked network namespace) and
-//! [`trace_paris`] (a minimal blocking trace) send and receive them.
+//! work; [`ProbeSockets`] (raw sockets opened inside a checked network namespace) send and
+//! receive them, and [`Engine`] runs every trace over one set of sockets (see `tracer.rs`).
 //!
 //! # Paris rule
 //!
@@ -45,11 +45,16 @@
 //! echo reply came to, and the key is per engine instance anyway.
 
 mod decode;
+mod dispatch;
+mod json;
 mod key;
+mod pacer;
+pub mod paris;
 mod probe;
 mod socket;
 #[cfg(test)]
 mod tests;
+mod tracer;
 
 use std::net::IpAddr;
 
@@ -57,11 +62,10 @@ use crate::Probe;
 
 pub use decode::{decode_icmp6, decode_tcp6, decode_v4};
 pub use key::ProbeKey;
+pub use paris::StopReason;
 pub use probe::encode;
-pub use socket::{
-    EngineError, MAX_READS_PER_TRACE, ParisTrace, ProbeSockets, RECV_BUFFER, RECV_POLL,
-    ensure_thread_in, thread_ns_id, trace_paris,
-};
+pub use socket::{EngineError, ProbeSockets, RECV_BUFFER, ensure_thread_in, thread_ns_id};
+pub use tracer::{Engine, EngineOptions, EngineStats, TCP_DPORT, UDP_DPORT};
 
 /// Highest TTL a probe can carry: the TTL gets 6 bits of the state word.
 pub const MAX_TTL: u8 = 63;
@@ -168,6 +172,28 @@ pub struct Reply {
     /// The TTL left in the quoted probe header (ICMP errors only): 1 is normal, other values
     /// hint at a router that rewrites or forwards with TTL 0.
     pub quoted_ttl: Option<u8>,
+    /// The reply packet's other header fields, as scamper prints them per hop.
+    pub packet: ReplyPacket,
+}
+
+/// Header fields of a reply packet that the output records (scamper's `reply_*` and `icmp_*`
+/// keys). Fields a family does not have are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyPacket {
+    /// The whole packet's length, IP header included (`reply_size`).
+    pub size: u16,
+    /// IPv4 TOS byte (`reply_tos`); 0 on IPv6 (the socket does not report it).
+    pub tos: u8,
+    /// IPv4 identification (`reply_ipid`); 0 on IPv6.
+    pub ipid: u16,
+    /// ICMP type and code, for ICMP replies (`icmp_type`, `icmp_code`).
+    pub icmp: Option<(u8, u8)>,
+    /// TCP flags, for TCP replies (`tcp_flags`).
+    pub tcp_flags: Option<u8>,
+    /// The quoted probe's IP length (`icmp_q_ipl`; IPv6: payload length + 40), ICMP errors.
+    pub quoted_len: u16,
+    /// The quoted probe's TOS byte (`icmp_q_tos`), IPv4 ICMP errors.
+    pub quoted_tos: u8,
 }
 
 /// Why a received packet is not a reply to one of our probes.

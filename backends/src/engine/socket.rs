@@ -1,50 +1,54 @@
-//! Raw sockets for the engine, and a minimal blocking Paris trace (UDP or ICMP echo, IPv4 or
-//! IPv6) over them.
+//! The engine's raw sockets: one set per engine, shared by every trace.
+//!
+//! | socket | sends | receives |
+//! |---|---|---|
+//! | IPv4 `IPPROTO_RAW` | every IPv4 probe, as [`encode`](super::encode) built it | — |
+//! | IPv4 raw ICMP | — | ICMP errors and echo replies, IP header included |
+//! | IPv4 raw TCP | — | the destination's RST / SYN-ACK (a BPF filter keeps only those) |
+//! | IPv6 raw UDP | UDP probes (L4 part; hop limit per packet) | — (buffer of 0) |
+//! | IPv6 raw ICMPv6 | echo probes (kernel checksum) | ICMPv6 errors and echo replies |
+//! | IPv6 raw TCP | SYN probes | RST / SYN-ACK (same filter) |
+//!
+//! Receive sockets get a large `SO_RCVBUF`, are read in batches (`recvmmsg`) with a short read
+//! timeout so their thread can notice shutdown, and report the kernel's own count of packets
+//! dropped for want of buffer space (`SO_RXQ_OVFL`). Send sockets are non-blocking: a full send
+//! queue is a lost probe (counted), never a stalled trace.
 //!
 //! # Namespaces
 //!
 //! [`ProbeSockets::open_in`] opens the sockets on a thread that joined the given network
 //! namespace, and before creating any socket checks (device and inode of
 //! `/proc/thread-self/ns/net` against the namespace file) that the thread really is in it: a
-//! socket keeps the namespace it was created in, so every probe sent through it leaves from there.
-//!
-//! # Async use
-//!
-//! Everything here is blocking, with bounded waits: the receive socket has a short read timeout
-//! ([`RECV_POLL`]) and [`trace_paris`] stops at its deadline. From async code, run it
-//! with `tokio::task::spawn_blocking` (the sockets are `Send + Sync`). One trace at a time per
-//! [`ProbeSockets`] and family: a trace reads the shared receive socket itself, drains it before
-//! sending and counts other traces' replies as strays, so concurrent traces would steal each
-//! other's replies. A receive thread that dispatches replies to many traces, batched receive
-//! (`recvmmsg`) and global pacing are later increments.
+//! socket keeps the namespace it was created in, so every probe sent through it leaves from
+//! there, whichever thread sends.
 
-use std::collections::BTreeMap;
-use std::io::{ErrorKind, IoSlice, IoSliceMut, Read};
+use std::io::{ErrorKind, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg, sendmsg, setsockopt,
-    sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn6, SockaddrStorage,
+    recvmmsg, sendmsg, setsockopt, sockopt,
 };
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockFilter, Socket, Type};
 
-use super::{EncodeError, Flow, Kind, ProbeId, ProbeKey, Reply, decode_icmp6, decode_v4, encode};
+use super::{EncodeError, Flow};
 use crate::{NetNs, Probe};
 
-/// Receive buffer asked for on the receive socket (the kernel caps it at `net.core.rmem_max`).
-pub const RECV_BUFFER: usize = 4 << 20;
-/// Read timeout of the receive socket: the longest a receive blocks before the caller can check
-/// its deadline again.
+/// Receive buffer asked for on each receive socket (the kernel caps it at `net.core.rmem_max`
+/// unless the process may override that, which root can).
+pub const RECV_BUFFER: usize = 8 << 20;
+/// Read timeout of the receive sockets: the longest a receive thread blocks before it checks
+/// for shutdown.
 pub const RECV_POLL: Duration = Duration::from_millis(20);
-/// Most packets one trace reads (replies, strays and stale ones together) before giving up,
-/// whatever the time left: bounds a trace on a busy socket.
-pub const MAX_READS_PER_TRACE: usize = 4096;
+/// Packets read per `recvmmsg`.
+pub const RECV_BATCH: usize = 64;
 /// Largest packet read; longer ones are truncated (still enough for every header we decode).
-const RECV_LEN: usize = 1500;
+const RECV_LEN: usize = 1280;
 
 /// Why the engine could not open its sockets or probe.
 #[derive(Debug, thiserror::Error)]
@@ -81,16 +85,25 @@ pub enum EngineError {
     /// A probe could not be encoded.
     #[error("cannot encode probe: {0}")]
     Encode(#[from] EncodeError),
-    /// This increment probes with UDP or ICMP echo only (TCP needs raw TCP receive sockets).
-    #[error("only UDP and ICMP echo flows are supported for now")]
-    Unsupported,
-    /// Source and destination are of different families.
-    #[error(transparent)]
-    MixedFamilies(EncodeError),
+    /// No route to the destination from the probe namespace.
+    #[error("no route to {dst}: {source}")]
+    NoRoute {
+        /// The destination.
+        dst: IpAddr,
+        /// What connect(2) said.
+        source: std::io::Error,
+    },
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
     move |source| EngineError::Io { what, source }
+}
+
+fn nix_io(what: &'static str) -> impl FnOnce(Errno) -> EngineError {
+    move |e| EngineError::Io {
+        what,
+        source: e.into(),
+    }
 }
 
 /// (dev, ino) of the network namespace of the calling thread.
@@ -114,21 +127,101 @@ pub fn ensure_thread_in(ns: &NetNs) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The raw sockets of one engine: IPv4 sends whole packets and receives ICMP with its IP
-/// header; IPv6 sends the L4 part (hop limit per packet, `IPV6_HOPLIMIT`) and receives ICMPv6
-/// without header (sender from the socket address, hop limit from `IPV6_RECVHOPLIMIT`).
+/// Which receive socket a packet came from; each has its own thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// IPv4 ICMP (IP header included).
+    IcmpV4,
+    /// IPv4 TCP (IP header included).
+    TcpV4,
+    /// ICMPv6 (no IP header).
+    IcmpV6,
+    /// TCP over IPv6 (no IP header).
+    TcpV6,
+}
+
+impl Listener {
+    /// Every receive socket.
+    pub const ALL: [Listener; 4] = [
+        Listener::IcmpV4,
+        Listener::TcpV4,
+        Listener::IcmpV6,
+        Listener::TcpV6,
+    ];
+
+    /// A short name for thread names and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::IcmpV4 => "icmp4",
+            Listener::TcpV4 => "tcp4",
+            Listener::IcmpV6 => "icmp6",
+            Listener::TcpV6 => "tcp6",
+        }
+    }
+}
+
+/// One received packet, as the decoder needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Packet<'a> {
+    /// The bytes (IPv4: from the IP header; IPv6: from the ICMPv6 / TCP header).
+    pub bytes: &'a [u8],
+    /// The sender (IPv6 only; IPv4 packets carry it in their header).
+    pub from: Option<Ipv6Addr>,
+    /// Our address it was sent to (IPv6 only, for the TCP checksum).
+    pub to: Option<Ipv6Addr>,
+    /// The hop limit it arrived with (IPv6 only).
+    pub hop_limit: u8,
+}
+
+/// The raw sockets of one engine (see the module docs).
 #[derive(Debug)]
 pub struct ProbeSockets {
-    /// `IPPROTO_RAW`: implies `IP_HDRINCL`, sends [`encode`]'s packets as they are.
     send_v4: Socket,
-    /// Raw ICMP: every ICMP packet to this namespace, IPv4 header included.
-    recv_icmp_v4: Socket,
-    /// Raw IPv6 UDP: sends UDP probes (checksum written by [`encode`]); never read (it would
-    /// see every UDP datagram to this namespace; its buffer just fills and drops).
-    send_udp6: Socket,
-    /// Raw ICMPv6: receives every ICMPv6 message, and sends ICMPv6 echo probes (the kernel
-    /// writes their checksum).
-    icmp6: Socket,
+    icmp_v4: Socket,
+    tcp_v4: Socket,
+    udp_v6: Socket,
+    icmp_v6: Socket,
+    tcp_v6: Socket,
+    /// Unconnected UDP sockets for route lookups (which source address the kernel would use).
+    route_v4: Mutex<Socket>,
+    route_v6: Mutex<Socket>,
+}
+
+/// Keeps TCP segments with RST set or with both SYN and ACK: the only ones a SYN probe's
+/// destination sends back. `flags_at` loads the flags byte into the accumulator.
+fn tcp_reply_filter(flags_at: impl IntoIterator<Item = SockFilter>) -> Vec<SockFilter> {
+    const JSET: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const AND: u16 = 0x54; // BPF_ALU | BPF_AND | BPF_K
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    let mut program: Vec<SockFilter> = flags_at.into_iter().collect();
+    program.extend([
+        SockFilter::new(JSET, 2, 0, 0x04), // RST → accept
+        SockFilter::new(AND, 0, 0, 0x12),
+        SockFilter::new(JEQ, 0, 1, 0x12), // SYN|ACK → accept, else drop
+        SockFilter::new(RET, 0, 0, 0xffff),
+        SockFilter::new(RET, 0, 0, 0),
+    ]);
+    program
+}
+
+fn receiver(domain: Domain, protocol: Protocol, what: &'static str) -> Result<Socket, EngineError> {
+    let socket = Socket::new(domain, Type::RAW, Some(protocol)).map_err(io(what))?;
+    // Above rmem_max when the process may (root); else whatever the kernel allows.
+    if socket.set_recv_buffer_size(RECV_BUFFER).is_ok() {
+        let _ = setsockopt(&socket, sockopt::RcvBufForce, &RECV_BUFFER);
+    }
+    socket
+        .set_read_timeout(Some(RECV_POLL))
+        .map_err(io("set SO_RCVTIMEO"))?;
+    setsockopt(&socket, sockopt::RxqOvfl, &1).map_err(nix_io("set SO_RXQ_OVFL"))?;
+    Ok(socket)
+}
+
+fn sender(domain: Domain, protocol: Protocol, what: &'static str) -> Result<Socket, EngineError> {
+    let socket = Socket::new(domain, Type::RAW, Some(protocol)).map_err(io(what))?;
+    socket.set_nonblocking(true).map_err(io("set O_NONBLOCK"))?;
+    Ok(socket)
 }
 
 impl ProbeSockets {
@@ -147,316 +240,214 @@ impl ProbeSockets {
     /// Opens the sockets in the calling thread's namespace. Probes leave from there: tests must
     /// use [`ProbeSockets::open_in`] with a lab namespace instead.
     pub fn open() -> Result<Self, EngineError> {
-        // Receive first, so no reply to the first probe can arrive before it exists.
-        let recv_icmp_v4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-            .map_err(io("open raw ICMP socket"))?;
-        recv_icmp_v4
-            .set_recv_buffer_size(RECV_BUFFER)
-            .map_err(io("set SO_RCVBUF"))?;
-        recv_icmp_v4
-            .set_read_timeout(Some(RECV_POLL))
-            .map_err(io("set SO_RCVTIMEO"))?;
-        let send_v4 = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(nix::libc::IPPROTO_RAW)),
-        )
-        .map_err(io("open IPPROTO_RAW socket"))?;
+        // Receivers first, so no reply to the first probe can arrive before they exist.
+        let icmp_v4 = receiver(Domain::IPV4, Protocol::ICMPV4, "open raw ICMP socket")?;
+        let tcp_v4 = receiver(Domain::IPV4, Protocol::TCP, "open raw TCP socket")?;
+        // ldxb 4*([0]&0xf); ldb [x+13]
+        tcp_v4
+            .attach_filter(&tcp_reply_filter([
+                SockFilter::new(0xb1, 0, 0, 0),
+                SockFilter::new(0x50, 0, 0, 13),
+            ]))
+            .map_err(io("attach TCP filter"))?;
+        let icmp_v6 = receiver(Domain::IPV6, Protocol::ICMPV6, "open raw ICMPv6 socket")?;
+        let tcp_v6 = receiver(Domain::IPV6, Protocol::TCP, "open raw IPv6 TCP socket")?;
+        // IPv6 raw sockets filter from the transport header: ldb [13]
+        tcp_v6
+            .attach_filter(&tcp_reply_filter([SockFilter::new(0x30, 0, 0, 13)]))
+            .map_err(io("attach TCP filter"))?;
+        for s in [&icmp_v6, &tcp_v6] {
+            setsockopt(s, sockopt::Ipv6RecvHopLimit, &true)
+                .map_err(nix_io("set IPV6_RECVHOPLIMIT"))?;
+            setsockopt(s, sockopt::Ipv6RecvPacketInfo, &true)
+                .map_err(nix_io("set IPV6_RECVPKTINFO"))?;
+        }
 
-        let icmp6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
-            .map_err(io("open raw ICMPv6 socket"))?;
-        icmp6
-            .set_recv_buffer_size(RECV_BUFFER)
-            .map_err(io("set SO_RCVBUF"))?;
-        icmp6
-            .set_read_timeout(Some(RECV_POLL))
-            .map_err(io("set SO_RCVTIMEO"))?;
-        setsockopt(&icmp6, sockopt::Ipv6RecvHopLimit, &true).map_err(|e| EngineError::Io {
-            what: "set IPV6_RECVHOPLIMIT",
-            source: e.into(),
-        })?;
-        let send_udp6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::UDP))
-            .map_err(io("open raw IPv6 UDP socket"))?;
-        // Smallest buffer: nothing reads it.
-        send_udp6
+        let send_v4 = sender(
+            Domain::IPV4,
+            Protocol::from(nix::libc::IPPROTO_RAW),
+            "open IPPROTO_RAW socket",
+        )?;
+        let udp_v6 = sender(Domain::IPV6, Protocol::UDP, "open raw IPv6 UDP socket")?;
+        // Nothing reads it: the smallest buffer.
+        udp_v6
             .set_recv_buffer_size(0)
             .map_err(io("set SO_RCVBUF"))?;
+        let route_v4 =
+            Socket::new(Domain::IPV4, Type::DGRAM, None).map_err(io("open UDP socket"))?;
+        let route_v6 =
+            Socket::new(Domain::IPV6, Type::DGRAM, None).map_err(io("open UDP socket"))?;
         Ok(Self {
             send_v4,
-            recv_icmp_v4,
-            send_udp6,
-            icmp6,
+            icmp_v4,
+            tcp_v4,
+            udp_v6,
+            icmp_v6,
+            tcp_v6,
+            route_v4: Mutex::new(route_v4),
+            route_v6: Mutex::new(route_v6),
         })
     }
 
-    /// Sends the L4 part of an IPv6 probe (as [`encode`] writes it) to `dst` with `hop_limit`,
-    /// set per packet so concurrent senders cannot race on a socket option.
-    fn send_v6(
-        &self,
-        probe: Probe,
-        l4: &[u8],
-        dst: Ipv6Addr,
-        hop_limit: u8,
-    ) -> Result<(), EngineError> {
-        let socket = match probe {
-            Probe::Udp => &self.send_udp6,
-            Probe::Icmp => &self.icmp6,
-            Probe::Tcp => return Err(EngineError::Unsupported),
+    /// The source address the kernel picks for `dst` in the sockets' namespace.
+    pub fn source_for(&self, dst: IpAddr) -> Result<IpAddr, EngineError> {
+        let lock = match dst {
+            IpAddr::V4(_) => &self.route_v4,
+            IpAddr::V6(_) => &self.route_v6,
         };
-        let addr = SockaddrIn6::from(SocketAddrV6::new(dst, 0, 0, 0));
-        let limit = nix::libc::c_int::from(hop_limit);
-        let sent = sendmsg(
-            socket.as_raw_fd(),
-            &[IoSlice::new(l4)],
-            &[ControlMessage::Ipv6HopLimit(&limit)],
-            MsgFlags::empty(),
-            Some(&addr),
-        )
-        .map_err(|e| EngineError::Io {
-            what: "send probe",
-            source: e.into(),
-        })?;
-        if sent != l4.len() {
-            return Err(EngineError::Io {
+        let socket = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let no_route = |source| EngineError::NoRoute { dst, source };
+        // Connecting a UDP socket sends nothing: it resolves the route. Connecting again
+        // replaces the association, so the socket serves every lookup.
+        socket
+            .connect(&SockAddr::from(SocketAddr::new(dst, 9)))
+            .map_err(no_route)?;
+        let local = socket
+            .local_addr()
+            .map_err(no_route)?
+            .as_socket()
+            .ok_or_else(|| no_route(std::io::Error::other("no socket address")))?;
+        Ok(local.ip())
+    }
+
+    /// Sends one probe of `flow` (as [`encode`](super::encode) built it). `Ok(false)` when
+    /// the send queue is full (the probe is lost, not retried here).
+    pub fn send(&self, flow: &Flow, packet: &[u8], hop_limit: u8) -> Result<bool, EngineError> {
+        let sent = match flow.dst {
+            IpAddr::V4(_) => self
+                .send_v4
+                .send_to(packet, &SockAddr::from(SocketAddr::new(flow.dst, 0)))
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+            IpAddr::V6(dst) => {
+                let socket = match flow.probe {
+                    Probe::Udp => &self.udp_v6,
+                    Probe::Icmp => &self.icmp_v6,
+                    Probe::Tcp => &self.tcp_v6,
+                };
+                let addr = SockaddrIn6::from(SocketAddrV6::new(dst, 0, 0, 0));
+                let limit = nix::libc::c_int::from(hop_limit);
+                sendmsg(
+                    socket.as_raw_fd(),
+                    &[IoSlice::new(packet)],
+                    &[ControlMessage::Ipv6HopLimit(&limit)],
+                    MsgFlags::MSG_DONTWAIT,
+                    Some(&addr),
+                )
+            }
+        };
+        match sent {
+            Ok(n) if n == packet.len() => Ok(true),
+            Ok(_) => Err(EngineError::Io {
                 what: "send probe",
                 source: std::io::Error::new(ErrorKind::WriteZero, "short send"),
-            });
-        }
-        Ok(())
-    }
-
-    /// Receives one ICMPv6 message into `buf`: `Ok(None)` after [`RECV_POLL`] (or at once with
-    /// `nonblocking`), else (length, sender, hop limit; 0 if the kernel did not say).
-    fn recv_v6(
-        &self,
-        buf: &mut [u8],
-        nonblocking: bool,
-    ) -> Result<Option<(usize, Ipv6Addr, u8)>, EngineError> {
-        let mut cmsg = nix::cmsg_space!(nix::libc::c_int);
-        let mut iov = [IoSliceMut::new(buf)];
-        let flags = if nonblocking {
-            MsgFlags::MSG_DONTWAIT
-        } else {
-            MsgFlags::empty()
-        };
-        let msg = match recvmsg::<SockaddrIn6>(
-            self.icmp6.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            flags,
-        ) {
-            Ok(msg) => msg,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(None),
-            Err(e) => {
-                return Err(EngineError::Io {
-                    what: "receive reply",
-                    source: e.into(),
-                });
-            }
-        };
-        let from = msg.address.map_or(Ipv6Addr::UNSPECIFIED, |a| a.ip());
-        let mut hop_limit = 0;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::Ipv6HopLimit(h) = c {
-                    hop_limit = u8::try_from(h).unwrap_or(u8::MAX);
-                }
-            }
-        }
-        Ok(Some((msg.bytes, from, hop_limit)))
-    }
-
-    /// Sends one probe of `flow`, whichever its family.
-    fn send(&self, flow: &Flow, packet: &[u8], hop_limit: u8) -> Result<(), EngineError> {
-        match flow.dst {
-            IpAddr::V4(_) => self.send_v4(packet, flow.dst),
-            IpAddr::V6(dst) => self.send_v6(flow.probe, packet, dst, hop_limit),
-        }
-    }
-
-    /// Receives and decodes one packet from the IPv4 (`v4`) or IPv6 ICMP socket; `Ok(None)` on
-    /// timeout.
-    fn recv_decode(
-        &self,
-        v4: bool,
-        buf: &mut [u8],
-        key: &ProbeKey,
-    ) -> Result<Option<Result<Reply, super::Stray>>, EngineError> {
-        if v4 {
-            Ok(self.recv_v4(buf)?.map(|n| decode_v4(&buf[..n], key)))
-        } else {
-            Ok(self
-                .recv_v6(buf, false)?
-                .map(|(n, from, hl)| decode_icmp6(&buf[..n], from, hl, key)))
-        }
-    }
-
-    /// Discards what is queued on the IPv6 receive socket (at most [`MAX_READS_PER_TRACE`]).
-    fn drain_v6(&self, buf: &mut [u8]) -> Result<usize, EngineError> {
-        let mut drained = 0;
-        while drained < MAX_READS_PER_TRACE && self.recv_v6(buf, true)?.is_some() {
-            drained += 1;
-        }
-        Ok(drained)
-    }
-
-    /// Sends one whole IPv4 packet (as [`encode`] writes it) to `dst`.
-    fn send_v4(&self, packet: &[u8], dst: IpAddr) -> Result<(), EngineError> {
-        let addr = SockAddr::from(SocketAddr::new(dst, 0));
-        let sent = self
-            .send_v4
-            .send_to(packet, &addr)
-            .map_err(io("send probe"))?;
-        if sent != packet.len() {
-            return Err(EngineError::Io {
-                what: "send probe",
-                source: std::io::Error::new(ErrorKind::WriteZero, "short send"),
-            });
-        }
-        Ok(())
-    }
-
-    /// Receives one packet into `buf`, waiting at most [`RECV_POLL`]. `Ok(None)` on timeout.
-    fn recv_v4(&self, buf: &mut [u8]) -> Result<Option<usize>, EngineError> {
-        match (&self.recv_icmp_v4).read(buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                Ok(None)
-            }
+            }),
+            Err(Errno::EAGAIN | Errno::ENOBUFS) => Ok(false),
             Err(e) => Err(EngineError::Io {
-                what: "receive reply",
-                source: e,
+                what: "send probe",
+                source: e.into(),
             }),
         }
     }
 
-    /// Reads and discards what is already queued (at most [`MAX_READS_PER_TRACE`] packets):
-    /// late replies to an earlier trace would otherwise match this one.
-    fn drain_v4(&self, buf: &mut [u8]) -> Result<usize, EngineError> {
-        let fd = self.recv_icmp_v4.as_raw_fd();
-        let mut drained = 0;
-        while drained < MAX_READS_PER_TRACE {
-            match nix::sys::socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(_) => drained += 1,
-                Err(Errno::EAGAIN) => break,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    return Err(EngineError::Io {
-                        what: "drain replies",
-                        source: e.into(),
-                    });
+    fn listener(&self, which: Listener) -> &Socket {
+        match which {
+            Listener::IcmpV4 => &self.icmp_v4,
+            Listener::TcpV4 => &self.tcp_v4,
+            Listener::IcmpV6 => &self.icmp_v6,
+            Listener::TcpV6 => &self.tcp_v6,
+        }
+    }
+}
+
+/// Batched reads from one receive socket, with buffers reused across reads.
+#[derive(Debug)]
+pub struct Reader {
+    which: Listener,
+    buffers: Vec<[u8; RECV_LEN]>,
+    headers: MultiHeaders<SockaddrStorage>,
+    /// The kernel's drop count for this socket, as last reported.
+    drops: u32,
+}
+
+impl Reader {
+    /// A reader for `which`.
+    pub fn new(which: Listener) -> Self {
+        let cmsg = nix::cmsg_space!(nix::libc::c_int, nix::libc::in6_pktinfo, u32);
+        Self {
+            which,
+            buffers: vec![[0; RECV_LEN]; RECV_BATCH],
+            headers: MultiHeaders::preallocate(RECV_BATCH, Some(cmsg)),
+            drops: 0,
+        }
+    }
+
+    /// Packets the kernel dropped on this socket since it was opened (last reported value).
+    pub fn kernel_drops(&self) -> u32 {
+        self.drops
+    }
+
+    /// Waits up to [`RECV_POLL`] for packets and hands each one read (up to [`RECV_BATCH`])
+    /// to `each`; returns how many were read (0 on timeout).
+    pub fn read(
+        &mut self,
+        sockets: &ProbeSockets,
+        mut each: impl FnMut(Packet<'_>),
+    ) -> Result<usize, EngineError> {
+        let fd = sockets.listener(self.which).as_raw_fd();
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .buffers
+            .iter_mut()
+            .map(|b| [IoSliceMut::new(b)])
+            .collect();
+        let results = match recvmmsg(
+            fd,
+            &mut self.headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_WAITFORONE,
+            None,
+        ) {
+            Ok(results) => results,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
+            Err(e) => {
+                return Err(EngineError::Io {
+                    what: "receive replies",
+                    source: e.into(),
+                });
+            }
+        };
+        let mut count = 0;
+        for msg in results {
+            count += 1;
+            let mut packet = Packet {
+                bytes: &[],
+                from: msg
+                    .address
+                    .as_ref()
+                    .and_then(|a| a.as_sockaddr_in6())
+                    .map(|a| a.ip()),
+                to: None,
+                hop_limit: 0,
+            };
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    match c {
+                        ControlMessageOwned::Ipv6HopLimit(h) => {
+                            packet.hop_limit = u8::try_from(h).unwrap_or(u8::MAX);
+                        }
+                        ControlMessageOwned::Ipv6PacketInfo(info) => {
+                            packet.to = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr));
+                        }
+                        ControlMessageOwned::RxqOvfl(drops) => self.drops = drops,
+                        _ => {}
+                    }
                 }
             }
-        }
-        Ok(drained)
-    }
-}
-
-/// What one trace saw.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ParisTrace {
-    /// The first reply at each TTL that answered, sorted by TTL (none past the destination).
-    pub replies: Vec<Reply>,
-    /// Packets read that were not replies to this trace's probes (other flows, other ICMP,
-    /// duplicates, forged or corrupted ones).
-    pub strays: usize,
-    /// Packets already queued before the probes were sent (e.g. the destination's replies to
-    /// an earlier trace's probes past it), discarded unread.
-    pub stale: usize,
-    /// Probes sent.
-    pub sent: usize,
-}
-
-/// Whether `reply` ends the path: sent by the destination, or anything but time exceeded.
-fn at_destination(reply: &Reply) -> bool {
-    reply.from == reply.flow_dst || reply.kind != Kind::TimeExceeded
-}
-
-/// Paris traceroute of `flow` (UDP or ICMP echo, IPv4 or IPv6; the lab tests UDP):
-/// sends TTL 1..=`max_ttl` at once, one attempt each, then reads replies until every TTL up to
-/// the first one that reached the destination answered, or `wait` elapsed, or
-/// [`MAX_READS_PER_TRACE`] packets were read. Blocking.
-pub fn trace_paris(
-    sockets: &ProbeSockets,
-    flow: &Flow,
-    key: &ProbeKey,
-    max_ttl: u8,
-    wait: Duration,
-) -> Result<ParisTrace, EngineError> {
-    let v4 = match (flow.src, flow.dst) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => true,
-        (IpAddr::V6(_), IpAddr::V6(_)) => false,
-        _ => return Err(EngineError::MixedFamilies(EncodeError::MixedFamilies)),
-    };
-    if !matches!(flow.probe, Probe::Udp | Probe::Icmp) {
-        return Err(EngineError::Unsupported);
-    }
-    let max_ttl = max_ttl.min(super::MAX_TTL);
-    let mut buf = vec![0u8; RECV_LEN];
-    let stale = if v4 {
-        sockets.drain_v4(&mut buf)?
-    } else {
-        sockets.drain_v6(&mut buf)?
-    };
-    let mut out = ParisTrace {
-        stale,
-        ..ParisTrace::default()
-    };
-
-    let mut packet = Vec::with_capacity(64);
-    for ttl in 1..=max_ttl {
-        packet.clear();
-        let encoded = encode(flow, ProbeId { ttl, attempt: 0 }, key, &mut packet)?;
-        sockets.send(flow, &packet, encoded.hop_limit)?;
-        out.sent += 1;
-    }
-
-    let deadline = Instant::now() + wait;
-    let mut by_ttl: BTreeMap<u8, Reply> = BTreeMap::new();
-    let mut reads = 0;
-    while reads < MAX_READS_PER_TRACE && Instant::now() < deadline && !complete(&by_ttl) {
-        let Some(decoded) = sockets.recv_decode(v4, &mut buf, key)? else {
-            continue;
-        };
-        reads += 1;
-        match decoded {
-            Ok(reply)
-                if reply.flow_dst == flow.dst
-                    && reply.probe == flow.probe
-                    && reply.sport == flow.sport
-                    && reply.dport == flow.dport
-                    && reply.id.attempt == 0
-                    && reply.id.ttl <= max_ttl
-                    && !by_ttl.contains_key(&reply.id.ttl) =>
-            {
-                by_ttl.insert(reply.id.ttl, reply);
+            let len = msg.bytes;
+            if let Some(data) = msg.iovs().next() {
+                packet.bytes = &data[..len.min(data.len())];
+                each(packet);
             }
-            _ => out.strays += 1,
         }
+        Ok(count)
     }
-
-    // Nothing past the first TTL that reached the destination (those are its duplicates).
-    let end = by_ttl
-        .values()
-        .find(|r| at_destination(r))
-        .map_or(max_ttl, |r| r.id.ttl);
-    out.replies = by_ttl.into_values().filter(|r| r.id.ttl <= end).collect();
-    Ok(out)
-}
-
-/// True when some TTL reached the destination and every TTL below it answered.
-fn complete(by_ttl: &BTreeMap<u8, Reply>) -> bool {
-    let Some(end) = by_ttl
-        .values()
-        .find(|r| at_destination(r))
-        .map(|r| r.id.ttl)
-    else {
-        return false;
-    };
-    (1..end).all(|ttl| by_ttl.contains_key(&ttl))
 }

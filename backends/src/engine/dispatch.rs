@@ -1,0 +1,110 @@
+//! Replies to the traces that wait for them: the receive threads decode a packet statelessly and
+//! look up its flow here. A flow is registered while its trace runs; a reply for any other flow
+//! (a trace that ended, another prober's, a forged one that passed the tag) is counted and
+//! dropped. One map entry per running trace, nothing per probe.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::IpAddr;
+use std::sync::RwLock;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::Reply;
+use crate::Probe;
+
+/// Replies one trace may have waiting before more are dropped (a trace legitimately gets at
+/// most one per probe, 63 TTLs × 4 attempts).
+pub const TRACE_QUEUE: usize = 256;
+
+/// What identifies a flow in a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The flow's destination.
+    pub dst: IpAddr,
+    /// Its transport.
+    pub probe: Probe,
+    /// Source port (echo identifier for ICMP).
+    pub sport: u16,
+    /// Destination port (0 for ICMP).
+    pub dport: u16,
+}
+
+impl FlowKey {
+    /// The flow `reply` answers.
+    pub fn of(reply: &Reply) -> Self {
+        Self {
+            dst: reply.flow_dst,
+            probe: reply.probe,
+            sport: reply.sport,
+            dport: reply.dport,
+        }
+    }
+}
+
+/// A matched reply and when it was read.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    /// The reply.
+    pub reply: Reply,
+    /// When the receive thread read it.
+    pub rx: Instant,
+}
+
+/// What became of a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for its trace.
+    Delivered,
+    /// No running trace has this flow (late, or not ours).
+    NoFlow,
+    /// Its trace's queue was full.
+    Overflow,
+}
+
+/// The running traces' flows.
+#[derive(Debug, Default)]
+pub struct FlowTable {
+    flows: RwLock<HashMap<FlowKey, mpsc::Sender<Arrival>>>,
+}
+
+impl FlowTable {
+    /// Registers `key`; `None` if a running trace already has it.
+    pub fn register(&self, key: FlowKey) -> Option<mpsc::Receiver<Arrival>> {
+        let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
+        match flows.entry(key) {
+            Entry::Occupied(_) => None,
+            Entry::Vacant(slot) => {
+                let (tx, rx) = mpsc::channel(TRACE_QUEUE);
+                slot.insert(tx);
+                Some(rx)
+            }
+        }
+    }
+
+    /// Forgets `key`; later replies for it count as [`Delivery::NoFlow`].
+    pub fn unregister(&self, key: &FlowKey) {
+        let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
+        flows.remove(key);
+    }
+
+    /// Hands `reply` to its trace.
+    pub fn deliver(&self, reply: Reply, rx: Instant) -> Delivery {
+        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = flows.get(&FlowKey::of(&reply)) else {
+            return Delivery::NoFlow;
+        };
+        match tx.try_send(Arrival { reply, rx }) {
+            Ok(()) => Delivery::Delivered,
+            // A receiver already dropped is a trace ending: its reply is late.
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NoFlow,
+            Err(mpsc::error::TrySendError::Full(_)) => Delivery::Overflow,
+        }
+    }
+
+    /// Running traces.
+    pub fn len(&self) -> usize {
+        self.flows.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

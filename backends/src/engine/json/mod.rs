@@ -1,0 +1,195 @@
+//! The engine's results written as scamper 20211212 writes them (`-O json`): the same keys, in
+//! the same order, with the same units and separators, so a consumer of scamper's files (and
+//! [`crate::scamper_json::summarize`]) reads them unchanged. The three lines are
+//! `cycle-start`, the measurement and `cycle-stop`, with this host's name.
+//!
+//! Units as scamper: `rtt` in milliseconds with three decimals, `tx` and `start` as seconds and
+//! microseconds, `wait` in seconds, `probe_id` counting attempts from 1.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::paris::{Answer, StopReason};
+use super::{Flow, ReplyPacket};
+use crate::Probe;
+
+/// Maps the engine's monotonic instants to wall-clock time, from one reading of both clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl Clock {
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+
+    /// The wall-clock time of `at`, as (seconds, microseconds) since the Unix epoch.
+    pub fn wall(&self, at: Instant) -> (u64, u32) {
+        let wall = if at >= self.mono {
+            self.wall + (at - self.mono)
+        } else {
+            self.wall - (self.mono - at)
+        };
+        let since = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        (since.as_secs(), since.subsec_micros())
+    }
+}
+
+/// Everything a `trace` line says about one Paris trace.
+#[derive(Debug)]
+pub struct TraceLine<'a> {
+    /// The flow probed.
+    pub flow: &'a Flow,
+    /// For ICMP echo flows: the echo checksum every probe carried (`icmp_sum`).
+    pub icmp_sum: u16,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// When it started.
+    pub start: Instant,
+    /// `hop_count`.
+    pub hop_count: u8,
+    /// `attempts`.
+    pub attempts: u8,
+    /// `wait` (printed in whole seconds, rounded up).
+    pub wait: Duration,
+    /// One probe's IP length, header included.
+    pub probe_size: u16,
+    /// Probes sent.
+    pub probe_count: usize,
+    /// The answers, in the order to print.
+    pub answers: &'a [Answer],
+}
+
+/// scamper's `method` for a Paris flow.
+fn method(probe: Probe) -> &'static str {
+    match probe {
+        Probe::Udp => "udp-paris",
+        Probe::Icmp => "icmp-echo-paris",
+        Probe::Tcp => "tcp",
+    }
+}
+
+/// The three lines (newline-terminated) for a finished trace: `cycle-start`, `trace`,
+/// `cycle-stop`, `stop` being when it ended.
+pub fn trace_lines(line: &TraceLine<'_>, clock: &Clock, hostname: &str, stop: Instant) -> String {
+    let (start_sec, start_usec) = clock.wall(line.start);
+    let (stop_sec, _) = clock.wall(stop);
+    let host = json_string(hostname);
+    let mut out = String::with_capacity(512 + 320 * line.answers.len());
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        r#"{{"type":"cycle-start", "list_name":"default", "id":0, "hostname":{host}, "start_time":{start_sec}}}"#
+    );
+    write_trace(&mut out, line, clock, start_sec, start_usec);
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        r#"{{"type":"cycle-stop", "list_name":"default", "id":0, "hostname":{host}, "stop_time":{stop_sec}}}"#
+    );
+    out
+}
+
+fn write_trace(out: &mut String, line: &TraceLine<'_>, clock: &Clock, sec: u64, usec: u32) {
+    let flow = line.flow;
+    let _ = write!(
+        out,
+        r#"{{"type":"trace","version":"0.1", "userid":0, "method":"{}", "src":"{}", "dst":"{}", "#,
+        method(flow.probe),
+        flow.src,
+        flow.dst
+    );
+    match flow.probe {
+        Probe::Icmp => {
+            let _ = write!(out, r#""icmp_sum":{}, "#, line.icmp_sum);
+        }
+        Probe::Udp | Probe::Tcp => {
+            let _ = write!(out, r#""sport":{}, "dport":{}, "#, flow.sport, flow.dport);
+        }
+    }
+    let ftime = crate::civil::ftime(i64::try_from(sec).unwrap_or(i64::MAX));
+    let wait = line.wait.as_secs() + u64::from(line.wait.subsec_nanos() > 0);
+    let _ = write!(
+        out,
+        r#""stop_reason":"{}", "stop_data":{}, "start":{{"sec":{sec}, "usec":{usec}, "ftime":"{ftime}"}}, "hop_count":{}, "attempts":{}, "hoplimit":0, "firsthop":1, "wait":{wait}, "wait_probe":0, "tos":0, "probe_size":{}, "probe_count":{}"#,
+        line.stop.name(),
+        line.stop.data(),
+        line.hop_count,
+        line.attempts,
+        line.probe_size,
+        line.probe_count,
+    );
+    if !line.answers.is_empty() {
+        out.push_str(r#", "hops":["#);
+        for (i, answer) in line.answers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_hop(out, answer, line.probe_size, clock);
+        }
+        out.push(']');
+    }
+    out.push('}');
+}
+
+fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) {
+    let reply = &answer.reply;
+    let (tx_sec, tx_usec) = clock.wall(answer.tx);
+    let rtt = answer.rx.saturating_duration_since(answer.tx);
+    let ReplyPacket {
+        size,
+        tos,
+        ipid,
+        icmp,
+        tcp_flags,
+        quoted_len,
+        quoted_tos,
+    } = reply.packet;
+    let _ = write!(
+        out,
+        r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{:.3}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
+        reply.from,
+        reply.id.ttl,
+        u16::from(reply.id.attempt) + 1,
+        rtt.as_secs_f64() * 1000.0,
+        reply.reply_ttl,
+    );
+    if let Some((icmp_type, icmp_code)) = icmp {
+        let _ = write!(out, r#", "icmp_type":{icmp_type}, "icmp_code":{icmp_code}"#);
+        if let Some(q_ttl) = reply.quoted_ttl {
+            let _ = write!(out, r#", "icmp_q_ttl":{q_ttl}, "icmp_q_ipl":{quoted_len}"#);
+            if reply.from.is_ipv4() {
+                let _ = write!(out, r#", "icmp_q_tos":{quoted_tos}"#);
+            }
+        }
+    }
+    if let Some(flags) = tcp_flags {
+        let _ = write!(out, r#", "tcp_flags":{flags}"#);
+    }
+    out.push('}');
+}
+
+/// `s` as a JSON string literal (a host name can hold anything the administrator typed).
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// The IP length of a probe whose encoded bytes are `encoded` (IPv6 probes are encoded without
+/// their 40-byte header).
+pub fn probe_size(dst: IpAddr, encoded: usize) -> u16 {
+    let size = match dst {
+        IpAddr::V4(_) => encoded,
+        IpAddr::V6(_) => encoded + 40,
+    };
+    u16::try_from(size).unwrap_or(u16::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+//! [`Engine`]: the in-process [`Tracer`]. One set of raw sockets, one receive thread per
+//! receive socket, one flow table and one probe budget serve every trace; each trace is an
+//! async task driving a [`ParisTrace`] state machine.
+//!
+//! ```text
+//!  trace task ──reserve──▶ Pacer            receive threads (icmp4, tcp4, icmp6, tcp6)
+//!      │  encode + send ──▶ ProbeSockets ──▶ lab / network ──▶ recvmmsg ─▶ decode (keyed tag)
+//!      ◀──────────── mpsc ◀──── FlowTable::deliver ◀─────────────────────────┘
+//! ```
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use super::dispatch::{Arrival, Delivery, FlowKey, FlowTable};
+use super::json::{Clock, TraceLine, probe_size, trace_lines};
+use super::pacer::Pacer;
+use super::paris::{ParisConfig, ParisTrace, Step};
+use super::socket::{Listener, Packet, ProbeSockets, Reader};
+use super::{EngineError, Flow, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode};
+use crate::{Method, NetNs, Probe, TraceError, TraceOutput, TraceRequest, Tracer};
+
+/// scamper's default destination port for UDP Paris traces.
+pub const UDP_DPORT: u16 = 33435;
+/// scamper's default destination port for TCP traces (`trace -P tcp` uses the same base port
+/// as UDP unless told otherwise), so both backends probe the same flow.
+pub const TCP_DPORT: u16 = 33435;
+/// Source ports (and echo identifiers) handed out when a request does not fix one.
+const AUTO_PORTS: std::ops::Range<u32> = 33_000..61_000;
+
+/// How the engine probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Probes per second across all traces (0: unlimited).
+    pub pps: u32,
+    /// Probes that may leave back to back after an idle spell.
+    pub burst: u32,
+    /// Consecutive silent TTLs that end a trace (scamper's `-g`, default 5).
+    pub gap_limit: u8,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            pps: 10_000,
+            burst: 100,
+            gap_limit: 5,
+        }
+    }
+}
+
+/// Counters since the engine opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Probes handed to the kernel.
+    pub probes_sent: u64,
+    /// Probes the kernel would not queue (full send buffer): lost.
+    pub probes_lost: u64,
+    /// Replies delivered to a running trace.
+    pub replies: u64,
+    /// Packets read that are not replies to our probes (failed to decode or to authenticate).
+    pub strays: u64,
+    /// Authentic replies for no running trace (arrived after their trace ended).
+    pub late: u64,
+    /// Replies dropped because their trace's queue was full.
+    pub overflow: u64,
+    /// Packets the kernel dropped on the receive sockets (`SO_RXQ_OVFL`).
+    pub kernel_drops: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    probes_sent: AtomicU64,
+    probes_lost: AtomicU64,
+    replies: AtomicU64,
+    strays: AtomicU64,
+    late: AtomicU64,
+    overflow: AtomicU64,
+    kernel_drops: [AtomicU32; 4],
+}
+
+#[derive(Debug)]
+struct Shared {
+    sockets: ProbeSockets,
+    key: ProbeKey,
+    flows: FlowTable,
+    pacer: Pacer,
+    counters: Counters,
+    stop: AtomicBool,
+    hostname: String,
+    next_port: AtomicU32,
+    options: EngineOptions,
+}
+
+/// The in-process tracer (see the module docs).
+#[derive(Debug)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Opens the raw sockets (inside `netns` when given, checked) and starts the receive
+    /// threads. Needs `CAP_NET_RAW`.
+    pub fn open(netns: Option<&NetNs>, options: EngineOptions) -> Result<Self, EngineError> {
+        let sockets = match netns {
+            Some(ns) => ProbeSockets::open_in(ns)?,
+            None => ProbeSockets::open()?,
+        };
+        let hostname = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".to_owned());
+        let shared = Arc::new(Shared {
+            sockets,
+            key: ProbeKey::random(),
+            flows: FlowTable::default(),
+            pacer: Pacer::new(options.pps, options.burst),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            hostname,
+            next_port: AtomicU32::new(AUTO_PORTS.start + std::process::id() % 1000),
+            options,
+        });
+        let mut threads = Vec::new();
+        for (i, which) in Listener::ALL.into_iter().enumerate() {
+            let listener = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name(format!("hoptrace-rx-{}", which.name()))
+                .spawn(move || listener.listen(which, i))
+                .map_err(|source| EngineError::Io {
+                    what: "start receive thread",
+                    source,
+                });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self {
+            shared,
+            threads: std::sync::Mutex::new(threads),
+        })
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            probes_sent: c.probes_sent.load(Ordering::Relaxed),
+            probes_lost: c.probes_lost.load(Ordering::Relaxed),
+            replies: c.replies.load(Ordering::Relaxed),
+            strays: c.strays.load(Ordering::Relaxed),
+            late: c.late.load(Ordering::Relaxed),
+            overflow: c.overflow.load(Ordering::Relaxed),
+            kernel_drops: c
+                .kernel_drops
+                .iter()
+                .map(|d| u64::from(d.load(Ordering::Relaxed)))
+                .sum(),
+        }
+    }
+
+    /// Traces currently running.
+    pub fn running(&self) -> usize {
+        self.shared.flows.len()
+    }
+
+    fn stop_threads(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    async fn paris(&self, request: &TraceRequest, probe: Probe) -> Result<String, TraceError> {
+        let shared = &self.shared;
+        let src = shared.sockets.source_for(request.dst)?;
+        let mut registration = shared.register(src, request, probe).await;
+        let flow = registration.flow;
+        let replies = &mut registration.replies;
+        let limits = request.limits;
+        let mut trace = ParisTrace::new(ParisConfig {
+            max_ttl: limits.max_ttl,
+            attempts: limits.attempts,
+            wait: limits.wait,
+            gap_limit: shared.options.gap_limit,
+        });
+        let clock = Clock::now();
+        let start = Instant::now();
+        let mut packet = Vec::with_capacity(64);
+        let mut size = 0;
+        let stop = loop {
+            let (send, wake) = match trace.poll(Instant::now()) {
+                Step::Done(reason) => break reason,
+                Step::Probe { send, wake } => (send, wake),
+            };
+            if !send.is_empty() {
+                let n = u32::try_from(send.len()).unwrap_or(u32::MAX);
+                let at = shared.pacer.reserve(n, Instant::now());
+                tokio::time::sleep_until(at.into()).await;
+                for id in send {
+                    packet.clear();
+                    let encoded =
+                        encode(&flow, id, &shared.key, &mut packet).map_err(EngineError::from)?;
+                    size = probe_size(flow.dst, encoded.bytes);
+                    // Stamped before the send: a reply can be read before the send returns.
+                    let tx = Instant::now();
+                    let queued = shared.sockets.send(&flow, &packet, encoded.hop_limit)?;
+                    let counter = if queued {
+                        &shared.counters.probes_sent
+                    } else {
+                        &shared.counters.probes_lost
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    trace.sent(id, tx);
+                }
+                continue;
+            }
+            tokio::select! {
+                arrival = replies.recv() => {
+                    let Some(Arrival { reply, rx }) = arrival else { break trace_abandoned() };
+                    trace.on_reply(reply, rx);
+                    while let Ok(Arrival { reply, rx }) = replies.try_recv() {
+                        trace.on_reply(reply, rx);
+                    }
+                }
+                () = tokio::time::sleep_until(wake.into()) => {}
+            }
+        };
+        let answers = trace.answers();
+        let icmp_sum = if probe == Probe::Icmp {
+            super::probe::Tags::echo_checksum(&shared.key, flow.dst, flow.sport)
+        } else {
+            0
+        };
+        let line = TraceLine {
+            flow: &flow,
+            icmp_sum,
+            stop,
+            start,
+            hop_count: trace.hop_count(),
+            attempts: trace.config().attempts,
+            wait: trace.config().wait,
+            probe_size: size,
+            probe_count: trace.probes_sent(),
+            answers: &answers,
+        };
+        Ok(trace_lines(&line, &clock, &shared.hostname, Instant::now()))
+    }
+}
+
+/// The flow table never closes a running trace's queue; if it ever did, the trace ends as
+/// silent from there on rather than hanging.
+fn trace_abandoned() -> super::StopReason {
+    super::StopReason::GapLimit
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+/// A trace's claim on its flow; unregisters on drop, whatever way the trace ends.
+struct Registration<'a> {
+    shared: &'a Shared,
+    key: FlowKey,
+    flow: Flow,
+    replies: mpsc::Receiver<Arrival>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.shared.flows.unregister(&self.key);
+    }
+}
+
+impl Shared {
+    /// Claims a flow to `request.dst` from `src`: the requested source port (waiting while
+    /// another trace uses it; the caller's deadline bounds the wait), else the next free one.
+    async fn register(
+        &self,
+        src: IpAddr,
+        request: &TraceRequest,
+        probe: Probe,
+    ) -> Registration<'_> {
+        let dport = match probe {
+            Probe::Udp => UDP_DPORT,
+            Probe::Tcp => TCP_DPORT,
+            Probe::Icmp => 0,
+        };
+        loop {
+            let sport = request.source_port.unwrap_or_else(|| self.auto_port());
+            let key = FlowKey {
+                dst: request.dst,
+                probe,
+                sport,
+                dport,
+            };
+            if let Some(replies) = self.flows.register(key) {
+                return Registration {
+                    shared: self,
+                    key,
+                    flow: Flow {
+                        src,
+                        dst: request.dst,
+                        probe,
+                        sport,
+                        dport,
+                    },
+                    replies,
+                };
+            }
+            if request.source_port.is_some() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn auto_port(&self) -> u16 {
+        let n = self.next_port.fetch_add(1, Ordering::Relaxed);
+        let span = AUTO_PORTS.end - AUTO_PORTS.start;
+        u16::try_from(AUTO_PORTS.start + n % span).unwrap_or(u16::MAX)
+    }
+
+    /// A receive thread: reads batches until the engine stops.
+    fn listen(&self, which: Listener, index: usize) {
+        let mut reader = Reader::new(which);
+        let mut failures = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            match reader.read(&self.sockets, |packet| self.on_packet(which, packet)) {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(listener = which.name(), error = %e, failures, "engine receive failed");
+                    }
+                    std::thread::sleep(super::socket::RECV_POLL);
+                }
+            }
+            self.counters.kernel_drops[index].store(reader.kernel_drops(), Ordering::Relaxed);
+        }
+    }
+
+    fn on_packet(&self, which: Listener, packet: Packet<'_>) {
+        let rx = Instant::now();
+        let decoded = match (which, packet.from) {
+            (Listener::IcmpV4 | Listener::TcpV4, _) => decode_v4(packet.bytes, &self.key),
+            (Listener::IcmpV6, Some(from)) => {
+                decode_icmp6(packet.bytes, from, packet.hop_limit, &self.key)
+            }
+            (Listener::TcpV6, Some(from)) => match packet.to {
+                Some(to) => decode_tcp6(packet.bytes, from, to, packet.hop_limit, &self.key),
+                None => Err(super::Stray::NotOurProbe),
+            },
+            (_, None) => Err(super::Stray::NotOurProbe),
+        };
+        let counter = match decoded {
+            Err(_) => &self.counters.strays,
+            Ok(reply) => match self.flows.deliver(reply, rx) {
+                Delivery::Delivered => &self.counters.replies,
+                Delivery::NoFlow => &self.counters.late,
+                Delivery::Overflow => &self.counters.overflow,
+            },
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[async_trait]
+impl Tracer for Engine {
+    fn name(&self) -> &'static str {
+        "engine"
+    }
+
+    async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            return Err(TraceError::Unsupported(
+                "the engine was shut down".to_owned(),
+            ));
+        }
+        let deadline = request.limits.deadline;
+        let run = async {
+            match request.method {
+                Method::Paris(probe) => self.paris(request, probe).await,
+                Method::Mda(_) => Err(TraceError::Unsupported(
+                    "multipath (MDA) tracing is not in the engine yet".to_owned(),
+                )),
+            }
+        };
+        let lines = tokio::time::timeout(deadline, run)
+            .await
+            .map_err(|_| TraceError::Timeout(deadline))??;
+        Ok(TraceOutput::from_lines(lines.into_bytes())?)
+    }
+
+    async fn shutdown(&self) {
+        self.stop_threads();
+    }
+}
