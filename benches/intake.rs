@@ -274,6 +274,8 @@ async fn serve_replay() -> (server::Running, tempfile::TempDir) {
         "127.0.0.1:0",
         "--output-dir",
         out.to_str().expect("utf-8"),
+        "--backend",
+        "scamper",
         "--scamper-bin",
         replay,
         "--allow-private",

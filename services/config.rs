@@ -12,6 +12,11 @@ use crate::{cache::CacheConfig, conn_id};
 /// The tracer backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BackendKind {
+    /// The engine when raw sockets can be opened (and the method is single path, which is all
+    /// the engine does yet), else one `scamper` process per trace.
+    Auto,
+    /// The in-process engine on raw sockets (needs CAP_NET_RAW); single path only for now.
+    Engine,
     /// One `scamper` process per trace.
     Scamper,
     /// One shared `scamper` daemon, driven over its control socket.
@@ -48,7 +53,7 @@ pub struct ServeArgs {
     pub output_dir: PathBuf,
 
     /// Tracer backend.
-    #[arg(long, env = "HOPTRACE_BACKEND", value_enum, default_value = "scamper")]
+    #[arg(long, env = "HOPTRACE_BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendKind,
 
     /// Trace method: paris-udp, paris-icmp, paris-tcp (single path) or mda-udp, mda-icmp,
@@ -64,6 +69,11 @@ pub struct ServeArgs {
     /// default, 20, when unset), for the whole daemon with `scamper-daemon` (1000 when unset).
     #[arg(long, env = "HOPTRACE_SCAMPER_PPS", value_parser = clap::value_parser!(u32).range(1..=10000))]
     pub scamper_pps: Option<u32>,
+
+    /// The engine's probe budget in packets per second, shared by every trace (`engine`;
+    /// 0: unlimited).
+    #[arg(long, env = "HOPTRACE_ENGINE_PPS", default_value_t = 10_000)]
+    pub engine_pps: u32,
 
     /// Most traces open on the scamper daemon at once (`scamper-daemon`).
     #[arg(long, env = "HOPTRACE_SCAMPER_WINDOW", default_value_t = 128)]

@@ -5,6 +5,7 @@
 //! through the [`pipeline`], written by the [`store`] as M-Lab-compatible JSONL and fanned out
 //! by the [`hub`] to subscribers. See `DESIGN.md` for the whole picture.
 
+pub mod backend;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -47,6 +47,41 @@ pub struct ErrorLabel {
     pub error: &'static str,
 }
 
+/// The in-process engine's counters (zero with another backend).
+#[derive(Debug, Clone, Default)]
+pub struct EngineMetrics {
+    /// Probes by outcome: `sent`, `lost` (the kernel's send queue was full).
+    pub probes: Family<OutcomeLabel, Counter>,
+    /// Packets read by outcome: `reply` (to a running trace), `stray` (not an authentic reply
+    /// to our probes), `late` (authentic, its trace over), `overflow` (its trace's queue full).
+    pub packets: Family<OutcomeLabel, Counter>,
+    /// Packets the kernel dropped on the engine's receive sockets (`SO_RXQ_OVFL`).
+    pub kernel_drops: Counter,
+}
+
+impl EngineMetrics {
+    /// Adds what changed from `before` to `now`.
+    pub fn add(
+        &self,
+        before: &hoptrace_backends::engine::EngineStats,
+        now: &hoptrace_backends::engine::EngineStats,
+    ) {
+        let inc = |family: &Family<OutcomeLabel, Counter>, outcome, a: u64, b: u64| {
+            family
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(b.saturating_sub(a));
+        };
+        inc(&self.probes, "sent", before.probes_sent, now.probes_sent);
+        inc(&self.probes, "lost", before.probes_lost, now.probes_lost);
+        inc(&self.packets, "reply", before.replies, now.replies);
+        inc(&self.packets, "stray", before.strays, now.strays);
+        inc(&self.packets, "late", before.late, now.late);
+        inc(&self.packets, "overflow", before.overflow, now.overflow);
+        self.kernel_drops
+            .inc_by(now.kernel_drops.saturating_sub(before.kernel_drops));
+    }
+}
+
 /// The terminal states of an accepted event.
 pub const OUTCOMES: [&str; 5] = ["traced", "cached", "refused", "failed", "aborted"];
 
@@ -91,6 +126,8 @@ pub struct Metrics {
     pub tcpinfo: TcpInfoCounters,
     /// The host socket watcher's counters.
     pub host_sockets: HostSocketsCounters,
+    /// The in-process engine's counters.
+    pub engine: EngineMetrics,
 }
 
 fn duration_histogram() -> Histogram {
@@ -126,7 +163,20 @@ impl Metrics {
             hub: HubCounters::default(),
             tcpinfo: TcpInfoCounters::default(),
             host_sockets: HostSocketsCounters::default(),
+            engine: EngineMetrics::default(),
         };
+        for outcome in ["sent", "lost"] {
+            let _ = metrics
+                .engine
+                .probes
+                .get_or_create(&OutcomeLabel { outcome });
+        }
+        for outcome in ["reply", "stray", "late", "overflow"] {
+            let _ = metrics
+                .engine
+                .packets
+                .get_or_create(&OutcomeLabel { outcome });
+        }
         for reason in crate::sources::host_sockets::OUTCOMES {
             let _ = metrics
                 .host_sockets
@@ -274,6 +324,21 @@ impl Metrics {
             "hoptrace_host_sockets",
             "Destroyed TCP sockets of this host, by what became of them",
             metrics.host_sockets.sockets.clone(),
+        );
+        r.register(
+            "hoptrace_engine_probes",
+            "Engine probes by outcome",
+            metrics.engine.probes.clone(),
+        );
+        r.register(
+            "hoptrace_engine_packets",
+            "Packets the engine read, by outcome",
+            metrics.engine.packets.clone(),
+        );
+        r.register(
+            "hoptrace_engine_kernel_drops",
+            "Packets the kernel dropped on the engine's receive sockets",
+            metrics.engine.kernel_drops.clone(),
         );
         r.register(
             "hoptrace_tcpinfo_opens",

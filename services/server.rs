@@ -9,16 +9,14 @@ use std::{
 };
 
 use axum::{Router, routing::get};
-use hoptrace_backends::{
-    DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, Tracer,
-};
+use hoptrace_backends::NetNs;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tower::ServiceBuilder;
 
 use crate::{
-    config::{BackendKind, ConfigError, ServeArgs},
+    config::{ConfigError, ServeArgs},
     conn_id::ConnectionIds,
     event::{InvalidEvent, Source},
     grpc::HoptraceService,
@@ -116,28 +114,8 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         .transpose()
         .map_err(|e| config_err(format!("--netns: {e}")))?
         .map(Arc::new);
-    let tracer: Arc<dyn Tracer> = match args.backend {
-        BackendKind::Scamper => Arc::new(ScamperProcess::new(
-            ScamperOptions {
-                binary: args.scamper_bin.clone().into_os_string(),
-                pps: args.scamper_pps,
-            },
-            netns.clone(),
-        )),
-        BackendKind::ScamperDaemon => Arc::new(
-            ScamperDaemon::start(
-                DaemonOptions {
-                    binary: args.scamper_bin.clone().into_os_string(),
-                    pps: args.scamper_pps.unwrap_or(1000),
-                    window: args.scamper_window,
-                    socket: args.scamper_socket.clone(),
-                    ..DaemonOptions::default()
-                },
-                netns.clone(),
-            )
-            .map_err(|e| config_err(format!("--backend scamper-daemon: {e}")))?,
-        ),
-    };
+    let chosen = crate::backend::choose(&args, netns.clone()).map_err(config_err)?;
+    let tracer = chosen.tracer;
     let store = Arc::new(
         TraceStore::open(&args.output_dir, args.version_tag.clone())
             .map_err(|e| config_err(format!("--output-dir: {e}")))?,
@@ -247,6 +225,13 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
 
     let admin = tokio::spawn(serve_admin(admin_listener, registry, stopped.clone()));
     let mut tasks = vec![housekeeping, admin];
+    if let Some(engine) = chosen.engine {
+        tasks.push(tokio::spawn(crate::backend::export_engine_stats(
+            engine,
+            metrics.engine.clone(),
+            stopped.clone(),
+        )));
+    }
     if args.watch_host_sockets {
         // Opened in the namespace probes leave from: the connections of interest live there.
         let open = || DiagSocket::open(args.watch_poll, args.watch_poll_only);

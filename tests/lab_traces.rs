@@ -410,3 +410,40 @@ async fn the_shared_daemon_backend_serves_the_same_pipeline() {
     assert_hops_match_the_lab(&record, &lab.hops_v4(), lab.dst_v4(7));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_backend_serves_the_same_pipeline() {
+    if !require_root("the_engine_backend_serves_the_same_pipeline") {
+        return;
+    }
+    let lab = Lab::up();
+    // --netns names the lab's client namespace: the engine opens its sockets there (checked)
+    // while the server stays in the test's namespace.
+    let (mut s, _tools) = lab_server(&lab, &["--backend", "engine"]).await;
+    let burst: Vec<_> = (1..=20u8)
+        .map(|i| event(&format!("eng_1_{i:016X}"), &lab.dst_v4(i).to_string()))
+        .collect();
+    s.client
+        .report_closes(futures::stream::iter(burst))
+        .await
+        .expect("reported");
+    let status = s.wait_status(LIMIT, |st| outcomes(st).traced == 20).await;
+    assert_eq!(status.backend, "engine");
+    assert_accounted(&status);
+    let record = s.get("eng_1_0000000000000007").await;
+    let parsed = lines(&record.contents);
+    assert_eq!(parsed[1]["type"], "cycle-start");
+    assert_eq!(parsed[1]["list_name"], "default");
+    assert!(parsed[1]["hostname"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(parsed[2]["type"], "trace");
+    assert_eq!(parsed[2]["method"], "udp-paris");
+    assert_eq!(parsed[2]["dst"], lab.dst_v4(7).to_string());
+    assert_eq!(parsed[3]["type"], "cycle-stop");
+    assert_hops_match_the_lab(&record, &lab.hops_v4(), lab.dst_v4(7));
+
+    let dst6 = lab.dst_v6(9);
+    let record = s.trace(&dst6.to_string(), false).await.expect("on-demand v6");
+    assert_eq!(record.backend, "engine");
+    assert_hops_match_the_lab(&record, &lab.hops_v6(), dst6);
+    s.stop().await;
+}

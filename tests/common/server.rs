@@ -45,6 +45,12 @@ pub async fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> TestServer {
     if !extra.contains(&"--watch-host-sockets") {
         argv.extend_from_slice(&["--watch-host-sockets", "false"]);
     }
+    // The default backend (auto) would open the engine's raw sockets in this process's own
+    // namespace, from where probes leave the machine: tests name the backend, scamper
+    // (fake, or guarded inside the lab) unless they ask for another.
+    if !extra.contains(&"--backend") {
+        argv.extend_from_slice(&["--backend", "scamper"]);
+    }
     argv.extend_from_slice(extra);
     let Command::Serve(args) = Cli::try_parse_from(argv).expect("flags parse").command else {
         unreachable!("serve parses to Serve")
