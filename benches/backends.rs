@@ -1,9 +1,11 @@
-//! Shared scamper daemon (issue 4): `ScamperDaemon` against scamper reading a target list and
-//! against `ScamperProcess` (one scamper per trace), in one lab, in one run.
+//! Every backend side by side in one lab, in one run: the in-process engine (issue 3) and the
+//! shared scamper daemon (issue 4) against scamper reading a target list, `ScamperProcess` (one
+//! scamper per trace), and the kernel's own ceiling (a raw send/receive loop at the same TTLs).
 //!
 //! `cargo bench --bench backends` (needs root: it builds network namespaces). `BENCH_TRACES`
-//! (default 2000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds.
-//! The method and the results are in BENCHMARKS.md.
+//! (default 10000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds,
+//! `BENCH_SYSTEMS` (comma-separated: list, daemon, process, engine, ceiling; default all) which
+//! systems run. The method and the results are in BENCHMARKS.md.
 //!
 //! Safety: the machine has a default route to the internet, so every scamper started here runs
 //! inside the lab's client namespace (checked before the first probe), and the lab is removed
@@ -24,13 +26,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hoptrace_backends::engine::{
+    Engine, EngineOptions, Flow, Listener, ProbeId, ProbeKey, ProbeSockets, Reader, encode,
+};
 use hoptrace_backends::{
-    DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, TraceOutput, TraceRequest,
-    Tracer, scamper::command,
+    DaemonOptions, NetNs, Probe, ScamperDaemon, ScamperOptions, ScamperProcess, TraceOutput,
+    TraceRequest, Tracer, scamper::command,
 };
 use lab::{Lab, ns_id_of_pid};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::sys::time::TimeVal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::{sync::Semaphore, task::JoinSet};
 
 /// Destinations 10.77.100.1 to .200, used round-robin.
@@ -48,7 +54,7 @@ const SAMPLE_LIMIT: Duration = Duration::from_secs(120);
 /// Bound on a fresh daemon opening its control socket.
 const DAEMON_START_LIMIT: Duration = Duration::from_secs(15);
 /// Defaults and bounds of the environment variables.
-const DEFAULT_TRACES: usize = 2000;
+const DEFAULT_TRACES: usize = 10_000;
 const MAX_TRACES: usize = 100_000;
 const DEFAULT_ROUNDS: usize = 3;
 const MAX_ROUNDS: usize = 20;
@@ -64,7 +70,20 @@ enum System {
     Daemon(usize),
     /// `ScamperProcess`, [`PROCESS_CONCURRENCY`] traces at once.
     Process,
+    /// The in-process engine with this probe budget (0: unlimited), [`ENGINE_CONCURRENCY`]
+    /// traces at once.
+    Engine(u32),
+    /// Raw sockets alone: every probe of every trace (TTL 1..=5) sent back to back, replies
+    /// counted without decoding: what the kernel and the lab can carry.
+    Ceiling,
 }
+
+/// Probe budgets the engine runs with: scamper's (the same as every peer) and none.
+const ENGINE_PPS: [u32; 2] = [PPS, 0];
+/// Engine traces in flight at once.
+const ENGINE_CONCURRENCY: usize = 1024;
+/// The hops of every lab path: routers at TTL 1..=4, the destination at 5.
+const PATH_LENGTH: u8 = 5;
 
 impl System {
     fn label(self) -> String {
@@ -72,6 +91,20 @@ impl System {
             System::List => "scamper target list (`-f`)".to_owned(),
             System::Daemon(window) => format!("hoptrace daemon, window {window}"),
             System::Process => format!("hoptrace process-per-trace, {PROCESS_CONCURRENCY} at once"),
+            System::Engine(0) => "hoptrace engine, no probe budget".to_owned(),
+            System::Engine(pps) => format!("hoptrace engine, {pps} probes/s"),
+            System::Ceiling => "kernel ceiling (raw send/receive loop)".to_owned(),
+        }
+    }
+
+    /// The `BENCH_SYSTEMS` word that selects this system.
+    fn word(self) -> &'static str {
+        match self {
+            System::List => "list",
+            System::Daemon(_) => "daemon",
+            System::Process => "process",
+            System::Engine(_) => "engine",
+            System::Ceiling => "ceiling",
         }
     }
 
@@ -80,7 +113,27 @@ impl System {
         let mut systems = vec![System::List];
         systems.extend(DAEMON_WINDOWS.map(System::Daemon));
         systems.push(System::Process);
+        systems.extend(ENGINE_PPS.map(System::Engine));
+        systems.push(System::Ceiling);
         systems
+    }
+
+    /// The systems `BENCH_SYSTEMS` selects (all when unset); panics on an unknown word.
+    fn selected() -> Vec<System> {
+        let Ok(words) = std::env::var("BENCH_SYSTEMS") else {
+            return System::all();
+        };
+        let words: Vec<&str> = words.split(',').map(str::trim).collect();
+        for word in &words {
+            assert!(
+                System::all().iter().any(|s| s.word() == *word),
+                "BENCH_SYSTEMS: unknown system {word:?} (list, daemon, process, engine, ceiling)"
+            );
+        }
+        System::all()
+            .into_iter()
+            .filter(|s| words.contains(&s.word()))
+            .collect()
     }
 }
 
@@ -234,7 +287,7 @@ fn measure(
     let dsts: Vec<IpAddr> = (0..traces)
         .map(|i| lab.dst_v4(u8::try_from(i % DESTINATIONS + 1).expect("at most 200")))
         .collect();
-    let systems = System::all();
+    let systems = System::selected();
     let mut samples: HashMap<System, Vec<Sample>> = HashMap::new();
     for round in 0..rounds {
         for i in 0..systems.len() {
@@ -245,6 +298,8 @@ fn measure(
                     runtime.block_on(daemon_sample(&netns, client_id, window, &dsts))
                 }
                 System::Process => runtime.block_on(process_sample(&netns, &dsts)),
+                System::Engine(pps) => runtime.block_on(engine_sample(&netns, pps, &dsts)),
+                System::Ceiling => ceiling_sample(&netns, &dsts),
             };
             eprintln!("round {}: {}", round + 1, describe(system, &sample));
             samples.entry(system).or_default().push(sample);
@@ -470,6 +525,117 @@ async fn process_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
         scamper,
         hoptrace: Some(own),
         raw_drops: None,
+        outcome,
+    }
+}
+
+/// The engine, opened fresh in the lab's client namespace (the opening thread's namespace is
+/// checked against it before any socket exists), [`ENGINE_CONCURRENCY`] traces at once. Its
+/// CPU is this process's (the engine runs in it); drops are the kernel's count on the engine's
+/// receive sockets.
+async fn engine_sample(netns: &Arc<NetNs>, pps: u32, dsts: &[IpAddr]) -> Sample {
+    let options = EngineOptions {
+        pps,
+        ..EngineOptions::default()
+    };
+    let engine = Arc::new(Engine::open(Some(netns), options).expect("open the engine in the lab"));
+    let own_before = rusage(UsageWho::RUSAGE_SELF);
+    let tracer: Arc<dyn Tracer> = Arc::clone(&engine) as Arc<dyn Tracer>;
+    let returned = run_traces(tracer, dsts, Some(ENGINE_CONCURRENCY)).await;
+    let own = rusage(UsageWho::RUSAGE_SELF).since(own_before);
+    let stats = engine.stats();
+    engine.shutdown().await;
+    let wall = returned.wall;
+    let mut outcome = returned.check();
+    if stats.overflow > 0 {
+        outcome.fail(format!(
+            "{} replies overflowed their trace's queue",
+            stats.overflow
+        ));
+    }
+    Sample {
+        traces: dsts.len(),
+        wall,
+        scamper: Cpu::default(),
+        hoptrace: Some(own),
+        raw_drops: Some(stats.kernel_drops),
+        outcome,
+    }
+}
+
+/// The kernel's ceiling: the engine's sockets (opened in the lab, checked), every probe of
+/// every trace (TTL 1..=[`PATH_LENGTH`] per destination, encoded as the engine encodes them)
+/// sent back to back from this thread while one receive thread counts what comes back with the
+/// engine's batched reader, without decoding. Stops when every probe was answered or after
+/// [`SAMPLE_LIMIT`]. A "trace" completes here when its share of replies arrived (replies / 5).
+fn ceiling_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
+    let sockets = Arc::new(ProbeSockets::open_in(netns).expect("open raw sockets in the lab"));
+    let key = ProbeKey::random();
+    let expected = dsts.len() * usize::from(PATH_LENGTH);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = {
+        let (sockets, stop) = (Arc::clone(&sockets), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut reader = Reader::new(Listener::IcmpV4);
+            let mut count = 0usize;
+            let mut last = Instant::now();
+            let deadline = Instant::now() + SAMPLE_LIMIT;
+            while count < expected && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                let n = reader.read(&sockets, |_| {}).expect("receive");
+                if n > 0 {
+                    count += n;
+                    last = Instant::now();
+                }
+            }
+            (count, last, reader.kernel_drops())
+        })
+    };
+    let src = sockets.source_for(dsts[0]).expect("route to the lab");
+    let own_before = rusage(UsageWho::RUSAGE_SELF);
+    let started = Instant::now();
+    let mut packet = Vec::with_capacity(64);
+    let mut lost = 0u64;
+    for (i, &dst) in dsts.iter().enumerate() {
+        let flow = Flow {
+            src,
+            dst,
+            probe: Probe::Udp,
+            sport: 33_000 + u16::try_from(i % 20_000).expect("fits"),
+            dport: 33435,
+        };
+        for ttl in 1..=PATH_LENGTH {
+            packet.clear();
+            let encoded =
+                encode(&flow, ProbeId { ttl, attempt: 0 }, &key, &mut packet).expect("encode");
+            match sockets.send(&flow, &packet, encoded.hop_limit) {
+                Ok(true) => {}
+                Ok(false) => lost += 1,
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+    let (count, last, drops) = counter.join().expect("receive thread");
+    stop.store(true, Ordering::Relaxed);
+    let own = rusage(UsageWho::RUSAGE_SELF).since(own_before);
+    let mut outcome = Outcome {
+        completed: count / usize::from(PATH_LENGTH),
+        probes: (count / usize::from(PATH_LENGTH) * usize::from(PATH_LENGTH)) as u64,
+        ..Outcome::default()
+    };
+    let missing = dsts.len() - outcome.completed;
+    outcome.fail_many(
+        missing,
+        format!(
+            "{} of {expected} replies missing ({lost} probes not queued)",
+            expected - count
+        ),
+    );
+    Sample {
+        traces: dsts.len(),
+        wall: last - started,
+        scamper: Cpu::default(),
+        hoptrace: Some(own),
+        raw_drops: Some(u64::from(drops)),
         outcome,
     }
 }
@@ -828,6 +994,9 @@ fn table(summaries: &HashMap<System, Summary>) -> String {
 
 fn ratios(summaries: &HashMap<System, Summary>) -> String {
     let mut out = String::new();
+    if let Some(list) = summaries.get(&System::List) {
+        out.push_str(&engine_ratios(list, summaries));
+    }
     let (Some(list), Some(process)) = (
         summaries.get(&System::List),
         summaries.get(&System::Process),
@@ -856,6 +1025,42 @@ fn ratios(summaries: &HashMap<System, Summary>) -> String {
             daemon.total.0 / list.total.0,
             daemon.total_user / list.total_user,
         );
+    }
+    out
+}
+
+/// The engine against the list peer (issue 3's goals) and against the kernel's ceiling.
+fn engine_ratios(list: &Summary, summaries: &HashMap<System, Summary>) -> String {
+    let mut out = String::new();
+    let per_probe = |s: &Summary| s.total_user / s.probes_per_trace;
+    let ceiling = summaries.get(&System::Ceiling);
+    for pps in ENGINE_PPS {
+        let Some(engine) = summaries.get(&System::Engine(pps)) else {
+            continue;
+        };
+        let label = System::Engine(pps).label();
+        let rate = engine.rate.0 / list.rate.0;
+        let cpu = per_probe(engine) / per_probe(list);
+        let _ = writeln!(
+            out,
+            "- {label}: rate / list rate {rate:.2} (goal ≥ 7: {}); probes/s {:.0} vs {:.0}; \
+             user CPU per probe {:.2} µs vs {:.2} µs = {cpu:.3} (goal ≤ 0.25: {}); raw drops {}",
+            if rate >= 7.0 { "met" } else { "NOT met" },
+            engine.rate.0 * engine.probes_per_trace,
+            list.rate.0 * list.probes_per_trace,
+            per_probe(engine),
+            per_probe(list),
+            if cpu <= 0.25 { "met" } else { "NOT met" },
+            engine.raw_drops.unwrap_or(0),
+        );
+        if let Some(ceiling) = ceiling {
+            let _ = writeln!(
+                out,
+                "- {label}: probes/s / kernel ceiling probes/s {:.3}",
+                engine.rate.0 * engine.probes_per_trace
+                    / (ceiling.rate.0 * ceiling.probes_per_trace)
+            );
+        }
     }
     out
 }

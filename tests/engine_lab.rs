@@ -118,6 +118,9 @@ async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Ve
         let ours = engine.trace(&request).await.expect("engine trace");
         eprintln!("{}", ours.lines);
         assert_lab_path(&ours, dst, probe, &alternatives);
+        // The summary built with the lines is what reading the lines back gives.
+        let read_back = hoptrace_backends::scamper_json::summarize(ours.lines.as_bytes());
+        assert_eq!(read_back.expect("summarize"), ours.summary);
         assert_eq!(ours.summary.method, scamper_method(probe));
         let theirs = scamper.trace(&request).await.expect("scamper trace");
         assert_eq!(

@@ -434,7 +434,11 @@ async fn the_engine_backend_serves_the_same_pipeline() {
     let parsed = lines(&record.contents);
     assert_eq!(parsed[1]["type"], "cycle-start");
     assert_eq!(parsed[1]["list_name"], "default");
-    assert!(parsed[1]["hostname"].as_str().is_some_and(|h| !h.is_empty()));
+    assert!(
+        parsed[1]["hostname"]
+            .as_str()
+            .is_some_and(|h| !h.is_empty())
+    );
     assert_eq!(parsed[2]["type"], "trace");
     assert_eq!(parsed[2]["method"], "udp-paris");
     assert_eq!(parsed[2]["dst"], lab.dst_v4(7).to_string());
@@ -442,7 +446,10 @@ async fn the_engine_backend_serves_the_same_pipeline() {
     assert_hops_match_the_lab(&record, &lab.hops_v4(), lab.dst_v4(7));
 
     let dst6 = lab.dst_v6(9);
-    let record = s.trace(&dst6.to_string(), false).await.expect("on-demand v6");
+    let record = s
+        .trace(&dst6.to_string(), false)
+        .await
+        .expect("on-demand v6");
     assert_eq!(record.backend, "engine");
     assert_hops_match_the_lab(&record, &lab.hops_v6(), dst6);
     s.stop().await;

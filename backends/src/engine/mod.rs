@@ -64,7 +64,10 @@ pub use decode::{decode_icmp6, decode_tcp6, decode_v4};
 pub use key::ProbeKey;
 pub use paris::StopReason;
 pub use probe::encode;
-pub use socket::{EngineError, ProbeSockets, RECV_BUFFER, ensure_thread_in, thread_ns_id};
+pub use socket::{
+    EngineError, Listener, Packet, ProbeSockets, RECV_BUFFER, Reader, ensure_thread_in,
+    thread_ns_id,
+};
 pub use tracer::{Engine, EngineOptions, EngineStats, TCP_DPORT, UDP_DPORT};
 
 /// Highest TTL a probe can carry: the TTL gets 6 bits of the state word.

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::dispatch::{Arrival, Delivery, FlowKey, FlowTable};
-use super::json::{Clock, TraceLine, probe_size, trace_lines};
+use super::json::{Clock, TraceLine, probe_size, trace_output};
 use super::pacer::Pacer;
 use super::paris::{ParisConfig, ParisTrace, Step};
 use super::socket::{Listener, Packet, ProbeSockets, Reader};
@@ -184,7 +184,7 @@ impl Engine {
         }
     }
 
-    async fn paris(&self, request: &TraceRequest, probe: Probe) -> Result<String, TraceError> {
+    async fn paris(&self, request: &TraceRequest, probe: Probe) -> Result<TraceOutput, TraceError> {
         let shared = &self.shared;
         let src = shared.sockets.source_for(request.dst)?;
         let mut registration = shared.register(src, request, probe).await;
@@ -257,7 +257,12 @@ impl Engine {
             probe_count: trace.probes_sent(),
             answers: &answers,
         };
-        Ok(trace_lines(&line, &clock, &shared.hostname, Instant::now()))
+        Ok(trace_output(
+            &line,
+            &clock,
+            &shared.hostname,
+            Instant::now(),
+        ))
     }
 }
 
@@ -400,10 +405,9 @@ impl Tracer for Engine {
                 )),
             }
         };
-        let lines = tokio::time::timeout(deadline, run)
+        tokio::time::timeout(deadline, run)
             .await
-            .map_err(|_| TraceError::Timeout(deadline))??;
-        Ok(TraceOutput::from_lines(lines.into_bytes())?)
+            .map_err(|_| TraceError::Timeout(deadline))?
     }
 
     async fn shutdown(&self) {

@@ -510,9 +510,10 @@ fn read_element(
     Ok(Element { addr, derived_ttl })
 }
 
-/// Hops keyed by (ttl, addr), each remembering where it first appeared.
+/// Hops keyed by (ttl, addr), each remembering where it first appeared. Also how the engine
+/// builds its summary from its own answers, so both backends group replies the same way.
 #[derive(Default)]
-struct HopTable {
+pub(crate) struct HopTable {
     /// (order of first appearance, hop).
     hops: Vec<(usize, Hop)>,
     index: HashMap<(u8, IpAddr), usize>,
@@ -538,7 +539,7 @@ impl HopTable {
     }
 
     /// Records one reply; the first reply at (ttl, addr) sets the hop's kind.
-    fn reply(&mut self, order: usize, ttl: u8, addr: IpAddr, rtt: f64, kind: ReplyKind) {
+    pub(crate) fn reply(&mut self, order: usize, ttl: u8, addr: IpAddr, rtt: f64, kind: ReplyKind) {
         self.entry(order, ttl, addr, kind).rtts_ms.push(rtt);
     }
 
@@ -551,7 +552,7 @@ impl HopTable {
         self.addrs.contains(&addr)
     }
 
-    fn finish(mut self) -> Vec<Hop> {
+    pub(crate) fn finish(mut self) -> Vec<Hop> {
         self.hops.sort_by_key(|(order, hop)| (hop.ttl, *order));
         self.hops.into_iter().map(|(_, hop)| hop).collect()
     }

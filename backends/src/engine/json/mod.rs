@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::paris::{Answer, StopReason};
 use super::{Flow, ReplyPacket};
-use crate::Probe;
+use crate::scamper_json::HopTable;
+use crate::{Probe, TraceKind, TraceOutput, TraceSummary};
 
 /// Maps the engine's monotonic instants to wall-clock time, from one reading of both clocks.
 #[derive(Debug, Clone, Copy)]
@@ -76,9 +77,37 @@ fn method(probe: Probe) -> &'static str {
     }
 }
 
-/// The three lines (newline-terminated) for a finished trace: `cycle-start`, `trace`,
-/// `cycle-stop`, `stop` being when it ended.
-pub fn trace_lines(line: &TraceLine<'_>, clock: &Clock, hostname: &str, stop: Instant) -> String {
+/// The output of a finished trace: the three lines (newline-terminated: `cycle-start`,
+/// `trace`, `cycle-stop`, `stop` being when it ended) and their summary, built from the same
+/// answers in the same pass rather than parsed back.
+pub fn trace_output(
+    line: &TraceLine<'_>,
+    clock: &Clock,
+    hostname: &str,
+    stop: Instant,
+) -> TraceOutput {
+    let mut hops = HopTable::default();
+    let lines = trace_lines(line, clock, hostname, stop, &mut hops);
+    let summary = TraceSummary {
+        kind: TraceKind::SinglePath,
+        method: method(line.flow.probe).to_owned(),
+        src: Some(line.flow.src),
+        dst: line.flow.dst,
+        start_time: i64::try_from(clock.wall(line.start).0).unwrap_or(i64::MAX),
+        stop_reason: Some(line.stop.name().to_owned()),
+        hops: hops.finish(),
+        links: Vec::new(),
+    };
+    TraceOutput::from_parts(lines, summary)
+}
+
+fn trace_lines(
+    line: &TraceLine<'_>,
+    clock: &Clock,
+    hostname: &str,
+    stop: Instant,
+    hops: &mut HopTable,
+) -> String {
     let (start_sec, start_usec) = clock.wall(line.start);
     let (stop_sec, _) = clock.wall(stop);
     let host = json_string(hostname);
@@ -88,7 +117,7 @@ pub fn trace_lines(line: &TraceLine<'_>, clock: &Clock, hostname: &str, stop: In
         out,
         r#"{{"type":"cycle-start", "list_name":"default", "id":0, "hostname":{host}, "start_time":{start_sec}}}"#
     );
-    write_trace(&mut out, line, clock, start_sec, start_usec);
+    write_trace(&mut out, line, clock, (start_sec, start_usec), hops);
     out.push('\n');
     let _ = writeln!(
         out,
@@ -97,7 +126,13 @@ pub fn trace_lines(line: &TraceLine<'_>, clock: &Clock, hostname: &str, stop: In
     out
 }
 
-fn write_trace(out: &mut String, line: &TraceLine<'_>, clock: &Clock, sec: u64, usec: u32) {
+fn write_trace(
+    out: &mut String,
+    line: &TraceLine<'_>,
+    clock: &Clock,
+    (sec, usec): (u64, u32),
+    hops: &mut HopTable,
+) {
     let flow = line.flow;
     let _ = write!(
         out,
@@ -132,14 +167,17 @@ fn write_trace(out: &mut String, line: &TraceLine<'_>, clock: &Clock, sec: u64, 
             if i > 0 {
                 out.push(',');
             }
-            write_hop(out, answer, line.probe_size, clock);
+            let rtt = write_hop(out, answer, line.probe_size, clock);
+            let reply = &answer.reply;
+            hops.reply(i, reply.id.ttl, reply.from, rtt, reply.kind.into());
         }
         out.push(']');
     }
     out.push('}');
 }
 
-fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) {
+/// Writes one hop; returns its RTT as written (milliseconds, three decimals).
+fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) -> f64 {
     let reply = &answer.reply;
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
     let rtt = answer.rx.saturating_duration_since(answer.tx);
@@ -152,13 +190,13 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         quoted_len,
         quoted_tos,
     } = reply.packet;
+    let rtt = format!("{:.3}", rtt.as_secs_f64() * 1000.0);
     let _ = write!(
         out,
-        r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{:.3}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
+        r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{rtt}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
         reply.from,
         reply.id.ttl,
         u16::from(reply.id.attempt) + 1,
-        rtt.as_secs_f64() * 1000.0,
         reply.reply_ttl,
     );
     if let Some((icmp_type, icmp_code)) = icmp {
@@ -174,6 +212,8 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         let _ = write!(out, r#", "tcp_flags":{flags}"#);
     }
     out.push('}');
+    // The same number a reader of the line gets.
+    rtt.parse().unwrap_or(0.0)
 }
 
 /// `s` as a JSON string literal (a host name can hold anything the administrator typed).

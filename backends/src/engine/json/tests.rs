@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Clock, TraceLine, trace_lines};
+use super::{Clock, TraceLine, trace_output};
+use crate::TraceOutput;
 use crate::engine::paris::{Answer, StopReason};
 use crate::engine::{Flow, Kind, ProbeId, Reply, ReplyPacket};
 use crate::{Probe, ReplyKind, scamper_json};
@@ -94,6 +95,14 @@ fn flow(probe: Probe, v4: bool) -> Flow {
     }
 }
 
+/// The output for `line`, after checking its summary is what reading its lines back gives.
+fn output(line: &TraceLine<'_>, hostname: &str, stop: Instant) -> TraceOutput {
+    let out = trace_output(line, &Clock::now(), hostname, stop);
+    let read_back = scamper_json::summarize(out.lines.as_bytes()).expect("summarize");
+    assert_eq!(out.summary, read_back, "{}", out.lines);
+    out
+}
+
 fn lines(flow: &Flow) -> String {
     let start = Instant::now();
     let answers = answers(flow, start);
@@ -109,7 +118,7 @@ fn lines(flow: &Flow) -> String {
         probe_count: 5,
         answers: &answers,
     };
-    trace_lines(&line, &Clock::now(), "vm", start + Duration::from_millis(9))
+    output(&line, "vm", start + Duration::from_millis(9)).lines
 }
 
 /// Every key path in a JSON value, in document order (arrays contribute their first element,
@@ -225,7 +234,7 @@ fn an_unanswered_trace_has_no_hops_key_and_a_quoted_hostname() {
         probe_count: 10,
         answers: &[],
     };
-    let text = trace_lines(&line, &Clock::now(), "a \"quoted\" host", start);
+    let text = output(&line, "a \"quoted\" host", start).lines;
     assert!(!text.contains("\"hops\""), "{text}");
     assert!(text.contains(r#""hostname":"a \"quoted\" host""#), "{text}");
     assert!(text.contains(r#""wait":2,"#), "wait rounds up: {text}");

@@ -4,9 +4,10 @@
 //!
 //! # Rules
 //!
-//! - TTLs are probed in parallel: the first [`ParisConfig::gap_limit`] TTLs at once, and from
-//!   then on always `gap_limit` TTLs past the highest one that answered (a sliding window), so a
-//!   path of `d` hops costs about `d` probes plus at most `gap_limit - 1` past the destination.
+//! - TTLs are probed in parallel, a window of [`ParisConfig::gap_limit`] TTLs at a time: the
+//!   next window opens when a router answers at the highest TTL sent, or, once everything sent
+//!   is settled, up to `gap_limit` past the highest answer. A path of `d` hops costs `d` probes
+//!   when `d` is a multiple of the window, and at most `gap_limit - 1` more otherwise.
 //! - A TTL without an answer `wait` after its last probe is probed again, up to `attempts`.
 //! - The trace is complete once the destination answered (echo reply, port unreachable from it,
 //!   TCP RST or SYN-ACK) and every TTL below it answered or used all its attempts; an ICMP
@@ -237,14 +238,25 @@ impl ParisTrace {
                 return self.finish(reason);
             }
         } else {
-            // Open the window up to gap_limit past the highest answer.
             let highest_answered = (1..=self.highest_sent)
                 .rev()
                 .find(|&ttl| self.slots[usize::from(ttl - 1)].answered)
                 .unwrap_or(0);
-            let window_end = highest_answered
-                .saturating_add(self.config.gap_limit)
-                .min(self.config.max_ttl);
+            let gap = self.config.gap_limit;
+            // A new window opens when a router answered at the highest TTL sent (the path goes
+            // on past everything sent), or when everything sent is settled and the silence
+            // past the highest answer is shorter than the gap limit. Answers below the top do
+            // not slide it: the destination may be inside the window already.
+            let window_end = if self.highest_sent == 0 {
+                gap
+            } else if highest_answered == self.highest_sent {
+                self.highest_sent.saturating_add(gap)
+            } else if !pending && send.is_empty() {
+                highest_answered.saturating_add(gap)
+            } else {
+                self.highest_sent
+            }
+            .min(self.config.max_ttl);
             for ttl in self.highest_sent + 1..=window_end {
                 send.push(ProbeId { ttl, attempt: 0 });
             }

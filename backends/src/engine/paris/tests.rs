@@ -107,8 +107,7 @@ fn the_window_slides_past_the_highest_answer() {
     let mut trace = ParisTrace::new(config(30));
     let (reason, _, probes) = run(&mut trace, |id| answer(id, 7, &[]));
     assert_eq!(reason, StopReason::Completed);
-    // 1..=5 at once, then one more per answer up to 5 past the highest: 6..=10 (13 would need
-    // an answer at 8 from a router).
+    // 1..=5 at once, then 6..=10 once TTL 5 answered as a router; the destination at 8.
     assert_eq!(ttls(&probes), (1..=10).collect::<Vec<_>>());
     assert_eq!(trace.hop_count(), 8);
     assert_eq!(trace.answers().len(), 8, "nothing past the destination");
@@ -219,4 +218,44 @@ fn configuration_is_clamped_to_what_probes_carry() {
     });
     let c = trace.config();
     assert_eq!((c.max_ttl, c.attempts, c.gap_limit), (63, 4, 1));
+}
+
+#[test]
+fn early_answers_do_not_open_the_next_window() {
+    // Replies one at a time, TTL 1 first: the window must not slide past the destination at 5.
+    let mut trace = ParisTrace::new(config(30));
+    let now = Instant::now();
+    let Step::Probe { send, .. } = trace.poll(now) else {
+        panic!("no probes")
+    };
+    assert_eq!(ttls(&send), [1, 2, 3, 4, 5]);
+    for id in &send {
+        trace.sent(*id, now);
+    }
+    for ttl in 1..=4 {
+        let at = now + Duration::from_micros(u64::from(ttl) * 10);
+        assert!(trace.on_reply(reply(ttl, 0, router(ttl), Kind::TimeExceeded), at));
+        match trace.poll(at) {
+            Step::Probe { send, .. } => assert!(send.is_empty(), "after ttl {ttl}: {send:?}"),
+            Step::Done(r) => panic!("done early: {r:?}"),
+        }
+    }
+    let at = now + Duration::from_micros(50);
+    assert!(trace.on_reply(reply(5, 0, DST, Kind::Unreachable { code: 3 }), at));
+    assert_eq!(trace.poll(at), Step::Done(StopReason::Completed));
+    assert_eq!(trace.probes_sent(), 5);
+}
+
+#[test]
+fn a_silent_top_of_the_window_opens_the_next_once_settled() {
+    // Routers at 1..=4 answer, 5 is silent, the destination is at 7.
+    let mut trace = ParisTrace::new(config(30));
+    let (reason, took, probes) = run(&mut trace, |id| {
+        (id.ttl != 5).then(|| answer(id, 6, &[5])).flatten()
+    });
+    assert_eq!(reason, StopReason::Completed);
+    // TTL 5 waited out twice, then 6..=9 at once, answered 1 ms later.
+    assert_eq!(took, WAIT * 2 + Duration::from_millis(1));
+    assert_eq!(ttls(&probes), [1, 2, 3, 4, 5, 5, 6, 7, 8, 9]);
+    assert_eq!(trace.hop_count(), 7);
 }
