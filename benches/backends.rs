@@ -73,8 +73,8 @@ enum System {
     /// The in-process engine with this probe budget (0: unlimited), [`ENGINE_CONCURRENCY`]
     /// traces at once.
     Engine(u32),
-    /// Raw sockets alone: every probe of every trace (TTL 1..=5) sent back to back, replies
-    /// counted without decoding: what the kernel and the lab can carry.
+    /// Raw sockets alone: every probe of every trace (TTL 1..=5) sent back to back from one
+    /// thread per CPU, replies counted without decoding: what the kernel and the lab carry.
     Ceiling,
 }
 
@@ -565,8 +565,8 @@ async fn engine_sample(netns: &Arc<NetNs>, pps: u32, dsts: &[IpAddr]) -> Sample 
 
 /// The kernel's ceiling: the engine's sockets (opened in the lab, checked), every probe of
 /// every trace (TTL 1..=[`PATH_LENGTH`] per destination, encoded as the engine encodes them)
-/// sent back to back from this thread while one receive thread counts what comes back with the
-/// engine's batched reader, without decoding. Stops when every probe was answered or after
+/// sent back to back from one thread per CPU while one receive thread counts what comes back
+/// with the engine's batched reader, without decoding. Stops when every probe was answered or after
 /// [`SAMPLE_LIMIT`]. A "trace" completes here when its share of replies arrived (replies / 5).
 fn ceiling_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
     let sockets = Arc::new(ProbeSockets::open_in(netns).expect("open raw sockets in the lab"));
@@ -593,27 +593,43 @@ fn ceiling_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
     let src = sockets.source_for(dsts[0]).expect("route to the lab");
     let own_before = rusage(UsageWho::RUSAGE_SELF);
     let started = Instant::now();
-    let mut packet = Vec::with_capacity(64);
-    let mut lost = 0u64;
-    for (i, &dst) in dsts.iter().enumerate() {
-        let flow = Flow {
-            src,
-            dst,
-            probe: Probe::Udp,
-            sport: 33_000 + u16::try_from(i % 20_000).expect("fits"),
-            dport: 33435,
-        };
-        for ttl in 1..=PATH_LENGTH {
-            packet.clear();
-            let encoded =
-                encode(&flow, ProbeId { ttl, attempt: 0 }, &key, &mut packet).expect("encode");
-            match sockets.send(&flow, &packet, encoded.hop_limit) {
-                Ok(true) => {}
-                Ok(false) => lost += 1,
-                Err(e) => panic!("send: {e}"),
-            }
-        }
-    }
+    // One sending thread per CPU, each with its share of the destinations.
+    let senders = std::thread::available_parallelism().map_or(1, usize::from);
+    let lost: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..senders)
+            .map(|part| {
+                let (sockets, key) = (&sockets, &key);
+                scope.spawn(move || {
+                    let mut packet = Vec::with_capacity(64);
+                    let mut lost = 0u64;
+                    for (i, &dst) in dsts.iter().enumerate().skip(part).step_by(senders) {
+                        let flow = Flow {
+                            src,
+                            dst,
+                            probe: Probe::Udp,
+                            sport: 33_000 + u16::try_from(i % 20_000).expect("fits"),
+                            dport: 33435,
+                        };
+                        for ttl in 1..=PATH_LENGTH {
+                            packet.clear();
+                            let id = ProbeId { ttl, attempt: 0 };
+                            let encoded = encode(&flow, id, key, &mut packet).expect("encode");
+                            match sockets.send(&flow, &packet, encoded.hop_limit) {
+                                Ok(true) => {}
+                                Ok(false) => lost += 1,
+                                Err(e) => panic!("send: {e}"),
+                            }
+                        }
+                    }
+                    lost
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sender thread"))
+            .sum()
+    });
     let (count, last, drops) = counter.join().expect("receive thread");
     stop.store(true, Ordering::Relaxed);
     let own = rusage(UsageWho::RUSAGE_SELF).since(own_before);
