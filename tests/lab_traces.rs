@@ -377,6 +377,29 @@ async fn an_on_demand_trace_returns_the_record_and_multipath_records_the_lab() {
     mda.stop().await;
 }
 
+/// Reports 20 closes to lab destinations 1..=20 (ids `<tag>_1_<n>`), waits for 20 traces by
+/// `backend`, checks the accounting, and returns the record for destination 7 and its lines.
+async fn twenty_closes(
+    s: &mut common::server::TestServer,
+    lab: &Lab,
+    backend: &str,
+    tag: &str,
+) -> (proto::TraceRecord, Vec<serde_json::Value>) {
+    let burst: Vec<_> = (1..=20u8)
+        .map(|i| event(&format!("{tag}_1_{i:016X}"), &lab.dst_v4(i).to_string()))
+        .collect();
+    s.client
+        .report_closes(futures::stream::iter(burst))
+        .await
+        .expect("reported");
+    let status = s.wait_status(LIMIT, |st| outcomes(st).traced == 20).await;
+    assert_eq!(status.backend, backend);
+    assert_accounted(&status);
+    let record = s.get(&format!("{tag}_1_0000000000000007")).await;
+    let parsed = lines(&record.contents);
+    (record, parsed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_daemon_backend_serves_the_same_pipeline() {
     if !require_root("the_shared_daemon_backend_serves_the_same_pipeline") {
@@ -384,18 +407,7 @@ async fn the_shared_daemon_backend_serves_the_same_pipeline() {
     }
     let lab = Lab::up();
     let (mut s, _tools) = lab_server(&lab, &["--backend", "scamper-daemon"]).await;
-    let burst: Vec<_> = (1..=20u8)
-        .map(|i| event(&format!("dmn_1_{i:016X}"), &lab.dst_v4(i).to_string()))
-        .collect();
-    s.client
-        .report_closes(futures::stream::iter(burst))
-        .await
-        .expect("reported");
-    let status = s.wait_status(LIMIT, |st| outcomes(st).traced == 20).await;
-    assert_eq!(status.backend, "scamper-daemon");
-    assert_accounted(&status);
-    let record = s.get("dmn_1_0000000000000007").await;
-    let parsed = lines(&record.contents);
+    let (record, parsed) = twenty_closes(&mut s, &lab, "scamper-daemon", "dmn").await;
     // The daemon's own cycle lines, one pair per trace session.
     assert_eq!(parsed[1]["type"], "cycle-start");
     assert!(
@@ -420,18 +432,7 @@ async fn the_engine_backend_serves_the_same_pipeline() {
     // --netns names the lab's client namespace: the engine opens its sockets there (checked)
     // while the server stays in the test's namespace.
     let (mut s, _tools) = lab_server(&lab, &["--backend", "engine"]).await;
-    let burst: Vec<_> = (1..=20u8)
-        .map(|i| event(&format!("eng_1_{i:016X}"), &lab.dst_v4(i).to_string()))
-        .collect();
-    s.client
-        .report_closes(futures::stream::iter(burst))
-        .await
-        .expect("reported");
-    let status = s.wait_status(LIMIT, |st| outcomes(st).traced == 20).await;
-    assert_eq!(status.backend, "engine");
-    assert_accounted(&status);
-    let record = s.get("eng_1_0000000000000007").await;
-    let parsed = lines(&record.contents);
+    let (record, parsed) = twenty_closes(&mut s, &lab, "engine", "eng").await;
     assert_eq!(parsed[1]["type"], "cycle-start");
     assert_eq!(parsed[1]["list_name"], "default");
     assert!(
