@@ -32,6 +32,8 @@ pub const UDP_DPORT: u16 = 33435;
 pub const TCP_DPORT: u16 = 33435;
 /// Source ports (and echo identifiers) handed out when a request does not fix one.
 const AUTO_PORTS: std::ops::Range<u32> = 33_000..61_000;
+/// Busy automatic ports tried in a row before a trace waits a millisecond.
+const AUTO_TRIES: u64 = 64;
 
 /// How the engine probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,7 +308,7 @@ impl Shared {
             Probe::Tcp => TCP_DPORT,
             Probe::Icmp => 0,
         };
-        loop {
+        for attempt in 1u64.. {
             let sport = request.source_port.unwrap_or_else(|| self.auto_port());
             let key = FlowKey {
                 dst: request.dst,
@@ -328,10 +330,14 @@ impl Shared {
                     replies,
                 };
             }
-            if request.source_port.is_some() {
+            // A fixed port waits for its trace to end; automatic ones move on, but every
+            // AUTO_TRIES they wait too, so a destination with every port busy cannot spin
+            // this task past its deadline (the deadline's timeout only fires at an await).
+            if request.source_port.is_some() || attempt % AUTO_TRIES == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
+        unreachable!("the attempt counter does not run out")
     }
 
     fn auto_port(&self) -> u16 {
