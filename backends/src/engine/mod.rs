@@ -48,6 +48,7 @@ mod decode;
 mod dispatch;
 mod json;
 mod key;
+pub mod mda;
 mod pacer;
 pub mod paris;
 mod probe;
