@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hoptrace_backends::engine::{Engine, EngineOptions, EngineStats};
 use hoptrace_backends::{
-    DaemonOptions, Method, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, Tracer,
+    DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, Tracer,
 };
 use tokio::sync::watch;
 
@@ -74,23 +74,14 @@ pub fn choose(args: &ServeArgs, netns: Option<Arc<NetNs>>) -> Result<Chosen, Str
         engine: Some(engine),
     };
     match args.backend {
-        BackendKind::Engine => {
-            if matches!(args.method, Method::Mda(_)) {
-                return Err(format!(
-                    "--backend engine: --method {} is multipath, which the engine does not do \
-                     yet; use --backend scamper or scamper-daemon",
-                    args.method
-                ));
-            }
-            open_engine(args, netns.as_deref())
-                .map(engine)
-                .map_err(|e| {
-                    format!(
-                        "--backend engine: {e} (the engine needs CAP_NET_RAW: run as root or \
-                         `setcap cap_net_raw+ep` the binary, see the README)"
-                    )
-                })
-        }
+        BackendKind::Engine => open_engine(args, netns.as_deref())
+            .map(engine)
+            .map_err(|e| {
+                format!(
+                    "--backend engine: {e} (the engine needs CAP_NET_RAW: run as root or \
+                     `setcap cap_net_raw+ep` the binary, see the README)"
+                )
+            }),
         BackendKind::Scamper => Ok(only(scamper_process(args, netns))),
         BackendKind::ScamperDaemon => ScamperDaemon::start(
             DaemonOptions {
@@ -105,19 +96,12 @@ pub fn choose(args: &ServeArgs, netns: Option<Arc<NetNs>>) -> Result<Chosen, Str
         .map(|d| only(Arc::new(d)))
         .map_err(|e| format!("--backend scamper-daemon: {e}")),
         BackendKind::Auto => {
-            let why = if matches!(args.method, Method::Mda(_)) {
-                format!(
-                    "--method {} is multipath, which the engine does not do yet",
-                    args.method
-                )
-            } else {
-                match open_engine(args, netns.as_deref()) {
-                    Ok(e) => {
-                        tracing::info!("backend: engine (raw sockets)");
-                        return Ok(engine(e));
-                    }
-                    Err(e) => format!("the engine cannot open raw sockets: {e}"),
+            let why = match open_engine(args, netns.as_deref()) {
+                Ok(e) => {
+                    tracing::info!("backend: engine (raw sockets)");
+                    return Ok(engine(e));
                 }
+                Err(e) => format!("the engine cannot open raw sockets: {e}"),
             };
             if !installed(&args.scamper_bin) {
                 return Err(format!(

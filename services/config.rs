@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
-use hoptrace_backends::{Limits, Method};
+use hoptrace_backends::{Confidence, Limits, Method};
 use ipnet::IpNet;
 
 use crate::{cache::CacheConfig, conn_id};
@@ -30,6 +30,14 @@ pub enum LogFormat {
     Plain,
     /// One JSON object per line.
     Json,
+}
+
+/// Parses a stopping-rule confidence: "95" or "99".
+fn confidence(text: &str) -> Result<Confidence, String> {
+    text.parse::<u8>()
+        .ok()
+        .and_then(Confidence::from_percent)
+        .ok_or_else(|| format!("{text:?}: the confidence is 95 or 99 (percent)"))
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -98,6 +106,11 @@ pub struct ServeArgs {
     /// Most probes one multipath trace may send.
     #[arg(long, env = "HOPTRACE_PROBE_BUDGET", default_value_t = 3000)]
     pub probe_budget: u32,
+
+    /// Confidence of the multipath stopping rule, in percent: 95 or 99 (scamper
+    /// `tracelb -c`). Higher finds more of a wide load balancer for more probes.
+    #[arg(long, env = "HOPTRACE_CONFIDENCE", default_value = "95", value_parser = confidence)]
+    pub confidence: Confidence,
 
     /// First source port of the probes, fixing which ECMP paths single-path traces hash to
     /// (scamper `trace -s`; Debian's scamper `tracelb` ignores it). The backend picks one when
@@ -287,6 +300,7 @@ impl ServeArgs {
             attempts: self.attempts,
             wait: self.probe_wait,
             probe_budget: self.probe_budget,
+            confidence: self.confidence,
             deadline: self.trace_timeout,
         }
     }

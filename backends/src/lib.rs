@@ -28,7 +28,7 @@ use async_trait::async_trait;
 pub use error::TraceError;
 pub use netns::{NetNs, NetNsError};
 pub use output::TraceOutput;
-pub use request::{Limits, Method, Probe, TraceRequest};
+pub use request::{Confidence, Limits, Method, Probe, TraceRequest};
 pub use scamper::{DaemonOptions, ScamperDaemon, ScamperOptions, ScamperProcess};
 pub use scamper_json::{Hop, Link, ReplyKind, ScamperJsonError, TraceKind, TraceSummary};
 

@@ -76,6 +76,40 @@ impl fmt::Display for Method {
     }
 }
 
+/// The confidence of the MDA stopping rule (scamper `tracelb -c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Confidence {
+    /// 95%: scamper's default.
+    #[default]
+    P95,
+    /// 99%.
+    P99,
+}
+
+impl Confidence {
+    /// The confidence in percent (scamper's `confidence` key).
+    pub fn percent(self) -> u8 {
+        match self {
+            Confidence::P95 => 95,
+            Confidence::P99 => 99,
+        }
+    }
+
+    /// 95 or 99; anything else is `None`.
+    pub fn from_percent(percent: u8) -> Option<Self> {
+        match percent {
+            95 => Some(Confidence::P95),
+            99 => Some(Confidence::P99),
+            _ => None,
+        }
+    }
+
+    /// The probability the stopping rule may miss a next hop: 1 − confidence.
+    pub fn failure(self) -> f64 {
+        1.0 - f64::from(self.percent()) / 100.0
+    }
+}
+
 /// Bounds on one trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -87,6 +121,8 @@ pub struct Limits {
     pub wait: Duration,
     /// Most probes one multipath trace may send.
     pub probe_budget: u32,
+    /// The multipath stopping rule's confidence.
+    pub confidence: Confidence,
     /// Wall-clock bound on the whole trace; past it the trace fails with
     /// [`TraceError::Timeout`](crate::TraceError::Timeout).
     pub deadline: Duration,
@@ -99,6 +135,7 @@ impl Default for Limits {
             attempts: 2,
             wait: Duration::from_secs(2),
             probe_budget: 3000,
+            confidence: Confidence::P95,
             deadline: Duration::from_secs(120),
         }
     }

@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use hoptrace_backends::{Limits, Method, Probe, TraceRequest};
+use hoptrace_backends::{Confidence, Limits, Method, Probe, TraceRequest};
 
 /// A Paris UDP trace of `dst` (`trace -P udp-paris -q 2 -w 1 -m 8`) with `deadline`.
 pub fn paris_request(dst: IpAddr, deadline: Duration) -> TraceRequest {
@@ -15,6 +15,7 @@ pub fn paris_request(dst: IpAddr, deadline: Duration) -> TraceRequest {
             attempts: 2,
             wait: Duration::from_secs(1),
             probe_budget: 100,
+            confidence: Confidence::P95,
             deadline,
         },
         source_port: None,

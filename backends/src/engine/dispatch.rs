@@ -14,9 +14,11 @@ use tokio::sync::mpsc;
 use super::Reply;
 use crate::Probe;
 
-/// Replies one trace may have waiting before more are dropped (a trace legitimately gets at
-/// most one per probe, 63 TTLs × 4 attempts).
+/// Replies a single-path trace may have waiting before more are dropped (it legitimately gets
+/// at most one per probe, 63 TTLs × 4 attempts).
 pub const TRACE_QUEUE: usize = 256;
+/// The same for a multipath trace, whose rounds can hold a few hundred probes.
+pub const MDA_QUEUE: usize = 2048;
 
 /// What identifies a flow in a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,15 +72,20 @@ pub struct FlowTable {
 }
 
 impl FlowTable {
-    /// Registers `key`; `None` if a running trace already has it.
-    pub fn register(&self, key: FlowKey) -> Option<mpsc::Receiver<Arrival>> {
+    /// A trace's queue for replies: its sender goes into the table under each of the trace's
+    /// flows ([`insert`](Self::insert)).
+    pub fn queue(capacity: usize) -> (mpsc::Sender<Arrival>, mpsc::Receiver<Arrival>) {
+        mpsc::channel(capacity)
+    }
+
+    /// Routes replies for `key` to `tx`; false if a running trace already has `key`.
+    pub fn insert(&self, key: FlowKey, tx: &mpsc::Sender<Arrival>) -> bool {
         let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
         match flows.entry(key) {
-            Entry::Occupied(_) => None,
+            Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
-                let (tx, rx) = mpsc::channel(TRACE_QUEUE);
-                slot.insert(tx);
-                Some(rx)
+                slot.insert(tx.clone());
+                true
             }
         }
     }
@@ -101,10 +108,5 @@ impl FlowTable {
             Err(mpsc::error::TrySendError::Closed(_)) => Delivery::NoFlow,
             Err(mpsc::error::TrySendError::Full(_)) => Delivery::Overflow,
         }
-    }
-
-    /// Running traces.
-    pub fn len(&self) -> usize {
-        self.flows.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 }

@@ -8,21 +8,23 @@
 //!      ◀──────────── mpsc ◀──── FlowTable::deliver ◀─────────────────────────┘
 //! ```
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use super::dispatch::{Arrival, Delivery, FlowKey, FlowTable};
-use super::json::{Clock, TraceLine, probe_size, trace_output};
+use super::dispatch::{Arrival, Delivery, FlowKey, FlowTable, MDA_QUEUE, TRACE_QUEUE};
+use super::json::{Clock, TraceLine, TracelbLine, probe_size, trace_output, tracelb_output};
+use super::mda::{FlowIx, MdaConfig, MdaTrace, Step as MdaStep};
 use super::pacer::Pacer;
 use super::paris::{ParisConfig, ParisTrace, Step};
 use super::socket::{Listener, Packet, ProbeSockets, Reader};
-use super::{EngineError, Flow, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode};
+use super::{EngineError, Flow, ProbeId, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode};
 use crate::{Method, NetNs, Probe, TraceError, TraceOutput, TraceRequest, Tracer};
 
 /// scamper's default destination port for UDP Paris traces.
@@ -96,6 +98,7 @@ struct Shared {
     stop: AtomicBool,
     hostname: String,
     next_port: AtomicU32,
+    running: AtomicUsize,
     options: EngineOptions,
 }
 
@@ -126,6 +129,7 @@ impl Engine {
             stop: AtomicBool::new(false),
             hostname,
             next_port: AtomicU32::new(AUTO_PORTS.start + std::process::id() % 1000),
+            running: AtomicUsize::new(0),
             options,
         });
         let mut threads = Vec::new();
@@ -175,7 +179,7 @@ impl Engine {
 
     /// Traces currently running.
     pub fn running(&self) -> usize {
-        self.shared.flows.len()
+        self.shared.running.load(Ordering::Relaxed)
     }
 
     fn stop_threads(&self) {
@@ -189,9 +193,10 @@ impl Engine {
     async fn paris(&self, request: &TraceRequest, probe: Probe) -> Result<TraceOutput, TraceError> {
         let shared = &self.shared;
         let src = shared.sockets.source_for(request.dst)?;
-        let mut registration = shared.register(src, request, probe).await;
-        let flow = registration.flow;
-        let replies = &mut registration.replies;
+        let mut registration = Registration::new(shared, TRACE_QUEUE);
+        let flow = registration
+            .claim(src, request, probe, request.source_port)
+            .await;
         let limits = request.limits;
         let mut trace = ParisTrace::new(ParisConfig {
             max_ttl: limits.max_ttl,
@@ -209,36 +214,21 @@ impl Engine {
                 Step::Probe { send, wake } => (send, wake),
             };
             if !send.is_empty() {
-                let n = u32::try_from(send.len()).unwrap_or(u32::MAX);
-                let at = shared.pacer.reserve(n, Instant::now());
-                tokio::time::sleep_until(at.into()).await;
+                shared.pace(send.len()).await;
                 for id in send {
-                    packet.clear();
-                    let encoded =
-                        encode(&flow, id, &shared.key, &mut packet).map_err(EngineError::from)?;
-                    size = probe_size(flow.dst, encoded.bytes);
-                    // Stamped before the send: a reply can be read before the send returns.
-                    let tx = Instant::now();
-                    let queued = shared.sockets.send(&flow, &packet, encoded.hop_limit)?;
-                    let counter = if queued {
-                        &shared.counters.probes_sent
-                    } else {
-                        &shared.counters.probes_lost
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    let (tx, bytes) = shared.send_probe(&flow, id, &mut packet)?;
+                    size = bytes;
                     trace.sent(id, tx);
                 }
                 continue;
             }
-            tokio::select! {
-                arrival = replies.recv() => {
-                    let Some(Arrival { reply, rx }) = arrival else { break trace_abandoned() };
+            let open = registration
+                .replies(wake, |Arrival { reply, rx }| {
                     trace.on_reply(reply, rx);
-                    while let Ok(Arrival { reply, rx }) = replies.try_recv() {
-                        trace.on_reply(reply, rx);
-                    }
-                }
-                () = tokio::time::sleep_until(wake.into()) => {}
+                })
+                .await;
+            if !open {
+                break trace_abandoned();
             }
         };
         let answers = trace.answers();
@@ -266,6 +256,92 @@ impl Engine {
             Instant::now(),
         ))
     }
+
+    /// A multipath trace: flows differ in their source port (echo identifier for ICMP), each
+    /// claimed in the flow table when the trace first uses it.
+    async fn mda(&self, request: &TraceRequest, probe: Probe) -> Result<TraceOutput, TraceError> {
+        let shared = &self.shared;
+        let src = shared.sockets.source_for(request.dst)?;
+        let mut registration = Registration::new(shared, MDA_QUEUE);
+        let limits = request.limits;
+        let mut trace = MdaTrace::new(MdaConfig {
+            confidence: limits.confidence,
+            max_ttl: limits.max_ttl,
+            attempts: limits.attempts,
+            wait: limits.wait,
+            gap_limit: shared.options.gap_limit,
+            max_probes: limits.probe_budget,
+        });
+        // Flow number -> its flow, and source port -> flow number.
+        let mut flows: Vec<Flow> = Vec::new();
+        let mut by_port: HashMap<u16, FlowIx> = HashMap::new();
+        let clock = Clock::now();
+        let start = Instant::now();
+        let mut packet = Vec::with_capacity(64);
+        let mut size = 0;
+        loop {
+            let (send, wake) = match trace.poll(Instant::now()) {
+                MdaStep::Done => break,
+                MdaStep::Probe { send, wake } => (send, wake),
+            };
+            if !send.is_empty() {
+                let newest = send.iter().map(|p| usize::from(p.flow)).max().unwrap_or(0);
+                while flows.len() <= newest {
+                    // After the first flow, fixed ports go up one by one from the requested one.
+                    let want = match (request.source_port, flows.last()) {
+                        (Some(port), None) => Some(port),
+                        (Some(_), Some(last)) => Some(last.sport.wrapping_add(1).max(1)),
+                        (None, _) => None,
+                    };
+                    let flow = registration.claim(src, request, probe, want).await;
+                    by_port.insert(flow.sport, u16::try_from(flows.len()).unwrap_or(u16::MAX));
+                    flows.push(flow);
+                }
+                shared.pace(send.len()).await;
+                for p in send {
+                    let (tx, bytes) =
+                        shared.send_probe(&flows[usize::from(p.flow)], p.id, &mut packet)?;
+                    size = bytes;
+                    trace.sent(p, tx);
+                }
+                continue;
+            }
+            let open = registration
+                .replies(wake, |Arrival { reply, rx }| {
+                    if let Some(&flow) = by_port.get(&reply.sport) {
+                        trace.on_reply(flow, reply, rx);
+                    }
+                })
+                .await;
+            if !open {
+                break;
+            }
+        }
+        // The header's flow: the first one (there is one unless the trace sent nothing).
+        let first = flows.first().copied().unwrap_or(Flow {
+            src,
+            dst: request.dst,
+            probe,
+            sport: 0,
+            dport: 0,
+        });
+        let flow_ids: Vec<u16> = flows.iter().map(|f| f.sport).collect();
+        let line = TracelbLine {
+            flow: &first,
+            flow_ids: &flow_ids,
+            start,
+            probe_size: size,
+            gap_limit: shared.options.gap_limit,
+        };
+        // The line is read back for the summary; a failure there is a bug in the writer.
+        Ok(tracelb_output(
+            &line,
+            &trace,
+            &clock,
+            &shared.hostname,
+            Instant::now(),
+        )?)
+    }
 }
 
 /// The flow table never closes a running trace's queue; if it ever did, the trace ends as
@@ -280,64 +356,122 @@ impl Drop for Engine {
     }
 }
 
-/// A trace's claim on its flow; unregisters on drop, whatever way the trace ends.
+/// A trace's claim on its flows; unregisters them on drop, whatever way the trace ends.
 struct Registration<'a> {
     shared: &'a Shared,
-    key: FlowKey,
-    flow: Flow,
+    keys: Vec<FlowKey>,
+    sender: mpsc::Sender<Arrival>,
     replies: mpsc::Receiver<Arrival>,
 }
 
-impl Drop for Registration<'_> {
-    fn drop(&mut self) {
-        self.shared.flows.unregister(&self.key);
+impl<'a> Registration<'a> {
+    /// A trace with no flow yet and a reply queue of `capacity`.
+    fn new(shared: &'a Shared, capacity: usize) -> Self {
+        let (sender, replies) = FlowTable::queue(capacity);
+        shared.running.fetch_add(1, Ordering::Relaxed);
+        Self {
+            shared,
+            keys: Vec::new(),
+            sender,
+            replies,
+        }
     }
-}
 
-impl Shared {
-    /// Claims a flow to `request.dst` from `src`: the requested source port (waiting while
-    /// another trace uses it; the caller's deadline bounds the wait), else the next free one.
-    async fn register(
-        &self,
+    /// Claims a flow to `request.dst` from `src`: source port `port` (waiting while another
+    /// trace uses it; the caller's deadline bounds the wait), else the next free automatic one.
+    async fn claim(
+        &mut self,
         src: IpAddr,
         request: &TraceRequest,
         probe: Probe,
-    ) -> Registration<'_> {
+        port: Option<u16>,
+    ) -> Flow {
         let dport = match probe {
             Probe::Udp => UDP_DPORT,
             Probe::Tcp => TCP_DPORT,
             Probe::Icmp => 0,
         };
         for attempt in 1u64.. {
-            let sport = request.source_port.unwrap_or_else(|| self.auto_port());
+            let sport = port.unwrap_or_else(|| self.shared.auto_port());
             let key = FlowKey {
                 dst: request.dst,
                 probe,
                 sport,
                 dport,
             };
-            if let Some(replies) = self.flows.register(key) {
-                return Registration {
-                    shared: self,
-                    key,
-                    flow: Flow {
-                        src,
-                        dst: request.dst,
-                        probe,
-                        sport,
-                        dport,
-                    },
-                    replies,
+            if self.shared.flows.insert(key, &self.sender) {
+                self.keys.push(key);
+                return Flow {
+                    src,
+                    dst: request.dst,
+                    probe,
+                    sport,
+                    dport,
                 };
             }
             // A fixed port waits for its trace to end; automatic ones move on, but every
             // AUTO_TRIES they wait too, so a destination with every port busy cannot spin
             // this task past its deadline (the deadline's timeout only fires at an await).
-            if request.source_port.is_some() || attempt % AUTO_TRIES == 0 {
+            if port.is_some() || attempt % AUTO_TRIES == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
         unreachable!("the attempt counter does not run out")
+    }
+
+    /// Waits until `wake` or the next replies, handing every reply queued to `take`; false if
+    /// the queue closed (never while the trace is registered).
+    async fn replies(&mut self, wake: Instant, mut take: impl FnMut(Arrival)) -> bool {
+        tokio::select! {
+            arrival = self.replies.recv() => {
+                let Some(arrival) = arrival else { return false };
+                take(arrival);
+                while let Ok(arrival) = self.replies.try_recv() {
+                    take(arrival);
+                }
+            }
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+        true
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.shared.flows.unregister(key);
+        }
+        self.shared.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// Waits until the probe budget allows `n` more probes.
+    async fn pace(&self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let at = self.pacer.reserve(n, Instant::now());
+        tokio::time::sleep_until(at.into()).await;
+    }
+
+    /// Encodes and sends probe `id` of `flow`; returns when it left and its IP length.
+    fn send_probe(
+        &self,
+        flow: &Flow,
+        id: ProbeId,
+        packet: &mut Vec<u8>,
+    ) -> Result<(Instant, u16), EngineError> {
+        packet.clear();
+        let encoded = encode(flow, id, &self.key, packet)?;
+        // Stamped before the send: a reply can be read before the send returns.
+        let tx = Instant::now();
+        let queued = self.sockets.send(flow, packet, encoded.hop_limit)?;
+        let counter = if queued {
+            &self.counters.probes_sent
+        } else {
+            &self.counters.probes_lost
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok((tx, probe_size(flow.dst, encoded.bytes)))
     }
 
     fn auto_port(&self) -> u16 {
@@ -406,9 +540,7 @@ impl Tracer for Engine {
         let run = async {
             match request.method {
                 Method::Paris(probe) => self.paris(request, probe).await,
-                Method::Mda(_) => Err(TraceError::Unsupported(
-                    "multipath (MDA) tracing is not in the engine yet".to_owned(),
-                )),
+                Method::Mda(probe) => self.mda(request, probe).await,
             }
         };
         tokio::time::timeout(deadline, run)

@@ -59,13 +59,18 @@ pub fn command(request: &TraceRequest) -> String {
             )
         }
         Method::Mda(probe) => {
+            // scamper's default is 95.
+            let confidence = match limits.confidence {
+                crate::Confidence::P95 => "",
+                crate::Confidence::P99 => "-c 99 ",
+            };
             let method = match probe {
                 Probe::Udp => "udp-sport",
                 Probe::Icmp => "icmp-echo",
                 Probe::Tcp => "tcp-sport",
             };
             format!(
-                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {sport}{}",
+                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {confidence}{sport}{}",
                 limits.probe_budget.max(1),
                 request.dst
             )
@@ -144,6 +149,7 @@ mod tests {
                 attempts: 3,
                 wait: Duration::from_secs(1),
                 probe_budget: 500,
+                confidence: crate::Confidence::P95,
                 deadline: Duration::from_secs(30),
             },
             source_port: None,
@@ -168,13 +174,14 @@ mod tests {
             command(&request(Method::Mda(Probe::Udp))),
             "tracelb -P udp-sport -q 3 -w 1 -Q 500 192.0.2.7"
         );
-        let fixed = TraceRequest {
+        let mut fixed = TraceRequest {
             source_port: Some(40000),
             ..request(Method::Mda(Probe::Tcp))
         };
+        fixed.limits.confidence = crate::Confidence::P99;
         assert_eq!(
             command(&fixed),
-            "tracelb -P tcp-sport -q 3 -w 1 -Q 500 -s 40000 192.0.2.7"
+            "tracelb -P tcp-sport -q 3 -w 1 -Q 500 -c 99 -s 40000 192.0.2.7"
         );
     }
 

@@ -108,22 +108,42 @@ fn trace_lines(
     stop: Instant,
     hops: &mut HopTable,
 ) -> String {
-    let (start_sec, start_usec) = clock.wall(line.start);
+    cycle_lines(clock, hostname, line.start, stop, |out, start| {
+        write_trace(out, line, clock, start, hops);
+    })
+}
+
+/// `cycle-start`, the measurement `body` writes (given the start as seconds and
+/// microseconds), `cycle-stop`: three newline-terminated lines.
+fn cycle_lines(
+    clock: &Clock,
+    hostname: &str,
+    start: Instant,
+    stop: Instant,
+    body: impl FnOnce(&mut String, (u64, u32)),
+) -> String {
+    let (start_sec, start_usec) = clock.wall(start);
     let (stop_sec, _) = clock.wall(stop);
     let host = json_string(hostname);
-    let mut out = String::with_capacity(512 + 320 * line.answers.len());
+    let mut out = String::with_capacity(2048);
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
         r#"{{"type":"cycle-start", "list_name":"default", "id":0, "hostname":{host}, "start_time":{start_sec}}}"#
     );
-    write_trace(&mut out, line, clock, (start_sec, start_usec), hops);
+    body(&mut out, (start_sec, start_usec));
     out.push('\n');
     let _ = writeln!(
         out,
         r#"{{"type":"cycle-stop", "list_name":"default", "id":0, "hostname":{host}, "stop_time":{stop_sec}}}"#
     );
     out
+}
+
+/// An answer's round-trip time as scamper prints it: milliseconds with three decimals.
+fn rtt_ms(answer: &Answer) -> String {
+    let rtt = answer.rx.saturating_duration_since(answer.tx);
+    format!("{:.3}", rtt.as_secs_f64() * 1000.0)
 }
 
 fn write_trace(
@@ -180,7 +200,6 @@ fn write_trace(
 fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) -> f64 {
     let reply = &answer.reply;
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
-    let rtt = answer.rx.saturating_duration_since(answer.tx);
     let ReplyPacket {
         size,
         tos,
@@ -190,7 +209,7 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         quoted_len,
         quoted_tos,
     } = reply.packet;
-    let rtt = format!("{:.3}", rtt.as_secs_f64() * 1000.0);
+    let rtt = rtt_ms(answer);
     let _ = write!(
         out,
         r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{rtt}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
@@ -233,3 +252,6 @@ pub fn probe_size(dst: IpAddr, encoded: usize) -> u16 {
 
 #[cfg(test)]
 mod tests;
+mod tracelb;
+
+pub use tracelb::{TracelbLine, tracelb_output};

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Clock, TraceLine, trace_output};
+use super::{Clock, TraceLine, TracelbLine, trace_output, tracelb_output};
 use crate::TraceOutput;
+use crate::engine::mda::{Confidence, FlowIx, MdaConfig, MdaTrace};
 use crate::engine::paris::{Answer, StopReason};
 use crate::engine::{Flow, Kind, ProbeId, Reply, ReplyPacket};
 use crate::{Probe, ReplyKind, scamper_json};
@@ -241,4 +242,185 @@ fn an_unanswered_trace_has_no_hops_key_and_a_quoted_hostname() {
     assert!(text.contains(r#""stop_reason":"GAPLIMIT""#));
     let summary = scamper_json::summarize(text.as_bytes()).expect("summarize");
     assert!(summary.hops.is_empty());
+}
+
+/// A multipath trace over the lab's diamond (r1, r2, r3a | r3b, r4 by the in-interface, the
+/// destination), answered with the ICMP types and header fields the lab's routers send.
+fn lab_tracelb(v4: bool, probe: Probe, salt: u32) -> (TraceOutput, MdaTrace, Flow) {
+    let flow = flow(probe, v4);
+    let node = |n: u8| -> IpAddr {
+        if v4 {
+            format!("10.77.{n}.2").parse().expect("addr")
+        } else {
+            format!("fd77:{n}::2").parse().expect("addr")
+        }
+    };
+    let respond = |f: FlowIx, id: ProbeId| {
+        let a = crate::engine::mda::tests::branch(f, salt, 2) == 0;
+        let from = match (id.ttl, a) {
+            (1, _) => node(1),
+            (2, _) => node(2),
+            (3, true) => node(3),
+            (3, false) => node(4),
+            (4, true) => node(5),
+            (4, false) => node(6),
+            _ => flow.dst,
+        };
+        let at_dst = from == flow.dst;
+        let (kind, icmp) = match (at_dst, v4) {
+            (false, true) => (Kind::TimeExceeded, (11, 0)),
+            (false, false) => (Kind::TimeExceeded, (3, 0)),
+            (true, true) => (Kind::Unreachable { code: 3 }, (3, 3)),
+            (true, false) => (Kind::Unreachable { code: 4 }, (1, 4)),
+        };
+        Some(Reply {
+            from,
+            kind,
+            flow_dst: flow.dst,
+            sport: 40000 + f,
+            dport: flow.dport,
+            probe,
+            id,
+            reply_ttl: 65 - id.ttl,
+            quoted_ttl: Some(1),
+            packet: ReplyPacket {
+                size: 56,
+                tos: 0,
+                ipid: if v4 { 4242 } else { 0 },
+                icmp: Some(icmp),
+                tcp_flags: None,
+                quoted_len: 36,
+                quoted_tos: 0,
+            },
+        })
+    };
+    let mut trace = MdaTrace::new(MdaConfig {
+        confidence: Confidence::P95,
+        max_ttl: 30,
+        attempts: 2,
+        wait: Duration::from_secs(1),
+        gap_limit: 3,
+        max_probes: 3000,
+    });
+    let start = Instant::now();
+    crate::engine::mda::tests::run(&mut trace, respond);
+    let flow_ids: Vec<u16> = (0..trace.flows()).map(|f| 40000 + f).collect();
+    let line = TracelbLine {
+        flow: &flow,
+        flow_ids: &flow_ids,
+        start,
+        probe_size: if v4 { 44 } else { 60 },
+        gap_limit: 3,
+    };
+    let out = tracelb_output(&line, &trace, &Clock::now(), "vm", Instant::now())
+        .expect("our tracelb line reads back");
+    (out, trace, flow)
+}
+
+/// Key names in the order they first appear in the raw text.
+fn first_appearances(text: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    for key in raw_key_sequence(text) {
+        if !seen.contains(&key) {
+            seen.push(key);
+        }
+    }
+    seen
+}
+
+#[test]
+fn tracelb_has_scampers_keys_in_scampers_order() {
+    for (v4, fixture) in [
+        (true, fixture!("tracelb-udp-dport.json")),
+        (false, fixture!("tracelb6-udp-dport.json")),
+    ] {
+        let (out, _, _) = lab_tracelb(v4, Probe::Udp, 1);
+        assert_eq!(keys(&out.lines), keys(fixture), "v4={v4}:\n{}", out.lines);
+        assert_eq!(
+            first_appearances(&out.lines),
+            first_appearances(fixture),
+            "v4={v4}:\n{}",
+            out.lines
+        );
+        let line = out.lines.lines().nth(1).expect("tracelb line");
+        assert!(
+            line.starts_with(
+                r#"{"type":"tracelb", "version":"0.1", "userid":0, "method":"udp-sport", "src":"#
+            ),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn tracelb_reads_back_to_the_links_found() {
+    for v4 in [true, false] {
+        for probe in [Probe::Udp, Probe::Icmp] {
+            let (out, trace, flow) = lab_tracelb(v4, probe, 2);
+            let written: std::collections::BTreeSet<(Option<IpAddr>, Option<IpAddr>)> =
+                out.summary.links.iter().map(|l| (l.from, l.to)).collect();
+            let found: std::collections::BTreeSet<_> =
+                trace.links().iter().map(|l| (Some(l.from), l.to)).collect();
+            assert_eq!(written, found, "{}", out.lines);
+            assert_eq!(out.summary.kind, crate::TraceKind::Multipath);
+            assert_eq!(out.summary.dst, flow.dst);
+            // Every router and the destination, at its TTL.
+            let mut hops: Vec<(u8, IpAddr)> =
+                out.summary.hops.iter().map(|h| (h.ttl, h.addr)).collect();
+            hops.sort();
+            hops.dedup();
+            assert_eq!(hops.len(), 7, "{hops:?}");
+            assert!(hops.contains(&(5, flow.dst)));
+            let v: Value =
+                serde_json::from_str(out.lines.lines().nth(1).expect("line")).expect("json");
+            assert_eq!(v["probec"], trace.probes_sent());
+            assert_eq!(v["nodec"], 7);
+            assert_eq!(v["linkc"], 7);
+            assert_eq!(v.get("sport").is_some(), probe != Probe::Icmp);
+        }
+    }
+}
+
+#[test]
+fn a_branch_lost_to_the_gap_limit_is_written_as_stars() {
+    let flow = flow(Probe::Udp, true);
+    let r = |n: u8| -> IpAddr { format!("10.77.{n}.2").parse().expect("addr") };
+    let mut trace = MdaTrace::new(MdaConfig {
+        confidence: Confidence::P95,
+        max_ttl: 30,
+        attempts: 1,
+        wait: Duration::from_secs(1),
+        gap_limit: 2,
+        max_probes: 3000,
+    });
+    crate::engine::mda::tests::run(&mut trace, |_, id| {
+        (id.ttl == 1).then(|| Reply {
+            from: r(1),
+            kind: Kind::TimeExceeded,
+            flow_dst: flow.dst,
+            sport: flow.sport,
+            dport: flow.dport,
+            probe: Probe::Udp,
+            id,
+            reply_ttl: 64,
+            quoted_ttl: Some(1),
+            packet: ReplyPacket::default(),
+        })
+    });
+    let line = TracelbLine {
+        flow: &flow,
+        flow_ids: &[40000; 8],
+        start: Instant::now(),
+        probe_size: 44,
+        gap_limit: 2,
+    };
+    let out =
+        tracelb_output(&line, &trace, &Clock::now(), "vm", Instant::now()).expect("read back");
+    assert!(
+        out.lines.contains(
+            r#"{"addr":"10.77.1.2", "q_ttl":1, "linkc":1, "links":[[{"addr":"*"}],[{"addr":"*"}]]}"#
+        ),
+        "{}",
+        out.lines
+    );
 }

@@ -35,42 +35,10 @@ use std::time::{Duration, Instant};
 
 use super::paris::Answer;
 use super::{Kind, MAX_ATTEMPT, MAX_TTL, ProbeId, Reply};
+pub use crate::Confidence;
 
 #[cfg(test)]
-mod tests;
-
-/// The confidence of the stopping rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Confidence {
-    /// 95%: scamper's default.
-    #[default]
-    P95,
-    /// 99%.
-    P99,
-}
-
-impl Confidence {
-    /// The confidence in percent (scamper's `confidence` key).
-    pub fn percent(self) -> u8 {
-        match self {
-            Confidence::P95 => 95,
-            Confidence::P99 => 99,
-        }
-    }
-
-    /// 95 or 99; anything else is `None`.
-    pub fn from_percent(percent: u8) -> Option<Self> {
-        match percent {
-            95 => Some(Confidence::P95),
-            99 => Some(Confidence::P99),
-            _ => None,
-        }
-    }
-
-    fn failure(self) -> f64 {
-        1.0 - f64::from(self.percent()) / 100.0
-    }
-}
+pub(crate) mod tests;
 
 /// Probes that must all land on the `k - 1` next hops already seen before a `k`-th is ruled
 /// out (`k` ≥ 2; smaller `k` is taken as 2): the least `n` for which `n` probes spread evenly

@@ -42,7 +42,7 @@ fn reply(id: ProbeId, from: IpAddr, kind: Kind) -> Reply {
 
 /// A well-mixed branch choice for `flow` at a load balancer seeded with `salt`, as an L4 hash
 /// would give (SipHash with fixed keys).
-fn branch(flow: FlowIx, salt: u32, ways: u32) -> u32 {
+pub(crate) fn branch(flow: FlowIx, salt: u32, ways: u32) -> u32 {
     let mut h = std::hash::DefaultHasher::new();
     (flow, salt).hash(&mut h);
     (h.finish() % u64::from(ways)) as u32
@@ -68,7 +68,7 @@ fn lab(salt: u32) -> impl Fn(FlowIx, ProbeId) -> Option<Reply> {
 
 /// Runs `trace` against `respond`, replies 1 ms after their probe; returns every probe sent
 /// and the time taken. Bounded to 10,000 polls.
-fn run(
+pub(crate) fn run(
     trace: &mut MdaTrace,
     respond: impl Fn(FlowIx, ProbeId) -> Option<Reply>,
 ) -> (Vec<MdaProbe>, Duration) {
