@@ -609,6 +609,7 @@ fn ceiling_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
                             probe: Probe::Udp,
                             sport: 33_000 + u16::try_from(i % 20_000).expect("fits"),
                             dport: 33435,
+                            salt: 0,
                         };
                         for ttl in 1..=PATH_LENGTH {
                             packet.clear();

@@ -4,7 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hoptrace_backends::engine::{self, Flow, ProbeKey};
+use hoptrace_backends::Probe;
+use hoptrace_backends::engine::{self, Flow, Keys, ProbeKey};
 use libfuzzer_sys::fuzz_target;
 
 const FROM6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
@@ -13,10 +14,13 @@ const TO6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 fuzz_target!(|data: &[u8]| {
     // A fixed key: the fuzzer can then learn tags from the corpus and reach the success paths.
     let key = ProbeKey::new(*b"hoptrace-fuzzkey");
+    // Every flow belongs to a running trace with salt 0, so tags are checked for any flow.
+    let salt_of = |_: IpAddr, _: Probe, _: u16, _: u16| Some(0);
+    let keys = Keys::new(&key, &salt_of);
     let results = [
-        engine::decode_v4(data, &key),
-        engine::decode_icmp6(data, FROM6, 64, &key),
-        engine::decode_tcp6(data, FROM6, TO6, 64, &key),
+        engine::decode_v4(data, &keys),
+        engine::decode_icmp6(data, FROM6, 64, &keys),
+        engine::decode_tcp6(data, FROM6, TO6, 64, &keys),
     ];
     for reply in results.into_iter().flatten() {
         // Whatever decodes must be a probe this key can encode.
@@ -30,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
             probe: reply.probe,
             sport: reply.sport,
             dport: reply.dport,
+            salt: 0,
         };
         let mut out = Vec::new();
         assert!(

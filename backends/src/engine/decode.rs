@@ -8,8 +8,8 @@ use etherparse::err::{LenError, ipv4, tcp};
 use etherparse::{IcmpEchoHeader, Icmpv4Slice, Icmpv4Type, Icmpv6Slice, Icmpv6Type, IpNumber};
 use etherparse::{Ipv4Slice, LaxIpv4Slice, LaxIpv6Slice, TcpSlice, UdpHeaderSlice};
 
-use super::probe::{PAYLOAD_LEN, Tags, split_state, split_tcp_seq};
-use super::{Kind, ProbeId, ProbeKey, Reply, ReplyPacket, Stray};
+use super::probe::{Keys, PAYLOAD_LEN, Tags, split_state, split_tcp_seq};
+use super::{Kind, ProbeId, Reply, ReplyPacket, Stray};
 use crate::Probe;
 
 /// The ICMP types a probe can elicit, per family (ICMPv4: RFC 792; ICMPv6: RFC 4443).
@@ -82,7 +82,7 @@ impl Matched {
 }
 
 /// An IPv4 packet as a raw ICMP (or TCP) socket returns it: IP header + ICMP/TCP.
-pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
+pub fn decode_v4(packet: &[u8], keys: &Keys<'_>) -> Result<Reply, Stray> {
     let ip = Ipv4Slice::from_slice(packet).map_err(|e| match e {
         ipv4::SliceError::Len(_) => Stray::Truncated("IPv4 packet"),
         _ => Stray::Malformed("IPv4 header"),
@@ -103,7 +103,7 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
     match payload.ip_number {
         IpNumber::TCP => {
             let to = IpAddr::V4(ip.header().destination_addr());
-            decode_tcp(payload.payload, from, to, reply_ttl, packet, key)
+            decode_tcp(payload.payload, from, to, reply_ttl, packet, keys)
         }
         IpNumber::ICMP => {
             let icmp = Icmpv4Slice::from_slice(payload.payload)
@@ -115,11 +115,11 @@ pub fn decode_v4(packet: &[u8], key: &ProbeKey) -> Result<Reply, Stray> {
                     let Icmpv4Type::EchoReply(echo) = icmp.icmp_type() else {
                         return Err(Stray::NotOurProbe);
                     };
-                    return echo_reply(echo, icmp.payload(), from, key)
+                    return echo_reply(echo, icmp.payload(), from, keys)
                         .map(|m| m.reply(from, Kind::EchoReply, reply_ttl, packet));
                 }
             };
-            quoted_v4(icmp.payload(), key).map(|m| m.reply(from, kind, reply_ttl, packet))
+            quoted_v4(icmp.payload(), keys).map(|m| m.reply(from, kind, reply_ttl, packet))
         }
         other => Err(Stray::UnexpectedProtocol(other.0)),
     }
@@ -131,7 +131,7 @@ pub fn decode_icmp6(
     message: &[u8],
     from: Ipv6Addr,
     hop_limit: u8,
-    key: &ProbeKey,
+    keys: &Keys<'_>,
 ) -> Result<Reply, Stray> {
     let icmp = Icmpv6Slice::from_slice(message)
         .map_err(|_: LenError| Stray::Truncated("ICMPv6 header"))?;
@@ -147,11 +147,11 @@ pub fn decode_icmp6(
             let Icmpv6Type::EchoReply(echo) = icmp.icmp_type() else {
                 return Err(Stray::NotOurProbe);
             };
-            return echo_reply(echo, icmp.payload(), from, key)
+            return echo_reply(echo, icmp.payload(), from, keys)
                 .map(|m| m.reply(from, Kind::EchoReply, hop_limit, packet));
         }
     };
-    quoted_v6(icmp.payload(), key).map(|m| m.reply(from, kind, hop_limit, packet))
+    quoted_v6(icmp.payload(), keys).map(|m| m.reply(from, kind, hop_limit, packet))
 }
 
 /// A TCP segment over IPv6 (raw TCP socket, no IP header), with the sender, our address (for
@@ -161,7 +161,7 @@ pub fn decode_tcp6(
     from: Ipv6Addr,
     to: Ipv6Addr,
     hop_limit: u8,
-    key: &ProbeKey,
+    keys: &Keys<'_>,
 ) -> Result<Reply, Stray> {
     let packet = ReplyPacket {
         size: v6_size(segment.len()),
@@ -173,7 +173,7 @@ pub fn decode_tcp6(
         IpAddr::V6(to),
         hop_limit,
         packet,
-        key,
+        keys,
     )
 }
 
@@ -189,7 +189,7 @@ fn decode_tcp(
     to: IpAddr,
     reply_ttl: u8,
     mut packet: ReplyPacket,
-    key: &ProbeKey,
+    keys: &Keys<'_>,
 ) -> Result<Reply, Stray> {
     let tcp = TcpSlice::from_slice(segment).map_err(|e| match e {
         tcp::HeaderSliceError::Len(_) => Stray::Truncated("TCP header"),
@@ -215,7 +215,7 @@ fn decode_tcp(
     let (sport, dport) = (tcp.destination_port(), tcp.source_port());
     let seq = tcp.acknowledgment_number().wrapping_sub(1);
     let id = split_tcp_seq(seq).ok_or(Stray::NotOurProbe)?;
-    if Tags::new(key, from, Probe::Tcp, sport, dport, id).tcp_seq != seq {
+    if keys.tags(from, Probe::Tcp, sport, dport, id)?.tcp_seq != seq {
         return Err(Stray::BadTag);
     }
     let matched = Matched {
@@ -254,10 +254,10 @@ fn echo_reply(
     echo: IcmpEchoHeader,
     payload: &[u8],
     from: IpAddr,
-    key: &ProbeKey,
+    keys: &Keys<'_>,
 ) -> Result<Matched, Stray> {
     let (id, _) = split_state(echo.seq).ok_or(Stray::NotOurProbe)?;
-    let tags = Tags::new(key, from, Probe::Icmp, echo.id, 0, id);
+    let tags = keys.tags(from, Probe::Icmp, echo.id, 0, id)?;
     if tags.echo_seq != echo.seq {
         return Err(Stray::BadTag);
     }
@@ -302,7 +302,7 @@ fn quoted_tcp(l4: &[u8]) -> Result<(u16, u16, u32), Stray> {
 
 /// The probe quoted in an ICMPv4 error: IP header + at least 8 bytes of L4. The state comes
 /// from the IP ID; the L4 fields must agree with it.
-fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
+fn quoted_v4(quoted: &[u8], keys: &Keys<'_>) -> Result<Matched, Stray> {
     // Lax: the quote is cut short of the probe's total length, by design.
     let (ip, _) = LaxIpv4Slice::from_slice(quoted).map_err(|e| match e {
         ipv4::HeaderSliceError::Len(_) => Stray::Truncated("quoted IPv4 header"),
@@ -322,7 +322,7 @@ fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
             let udp = UdpHeaderSlice::from_slice(l4)
                 .map_err(|_: LenError| Stray::Truncated("quoted UDP header"))?;
             let (sport, dport) = (udp.source_port(), udp.destination_port());
-            let tags = Tags::new(key, flow_dst, Probe::Udp, sport, dport, id);
+            let tags = keys.tags(flow_dst, Probe::Udp, sport, dport, id)?;
             if tags.state as u8 != tag8 || tags.udp_checksum != udp.checksum() {
                 return Err(Stray::BadTag);
             }
@@ -334,10 +334,10 @@ fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
             let Icmpv4Type::EchoRequest(echo) = icmp.icmp_type() else {
                 return Err(Stray::NotOurProbe);
             };
-            let tags = Tags::new(key, flow_dst, Probe::Icmp, echo.id, 0, id);
+            let tags = keys.tags(flow_dst, Probe::Icmp, echo.id, 0, id)?;
             if tags.state as u8 != tag8
                 || tags.echo_seq != echo.seq
-                || Tags::echo_checksum(key, flow_dst, echo.id) != icmp.checksum()
+                || keys.echo_checksum(flow_dst, echo.id)? != icmp.checksum()
             {
                 return Err(Stray::BadTag);
             }
@@ -345,7 +345,7 @@ fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
         }
         IpNumber::TCP => {
             let (sport, dport, seq) = quoted_tcp(l4)?;
-            let tags = Tags::new(key, flow_dst, Probe::Tcp, sport, dport, id);
+            let tags = keys.tags(flow_dst, Probe::Tcp, sport, dport, id)?;
             if tags.state as u8 != tag8 || tags.tcp_seq != seq {
                 return Err(Stray::BadTag);
             }
@@ -367,7 +367,7 @@ fn quoted_v4(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
 
 /// The probe quoted in an ICMPv6 error: the whole probe (RFC 4443 quotes up to 1280 bytes).
 /// UDP and echo state comes from our payload, TCP state from the sequence number.
-fn quoted_v6(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
+fn quoted_v6(quoted: &[u8], keys: &Keys<'_>) -> Result<Matched, Stray> {
     let (ip, _) =
         LaxIpv6Slice::from_slice(quoted).map_err(|_| Stray::Truncated("quoted IPv6 header"))?;
     let header = ip.header();
@@ -384,7 +384,7 @@ fn quoted_v6(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
             let (sport, dport) = (udp.source_port(), udp.destination_port());
             let data = l4.get(udp.slice().len()..).unwrap_or_default();
             let id = payload_id(data)?;
-            let tags = Tags::new(key, flow_dst, Probe::Udp, sport, dport, id);
+            let tags = keys.tags(flow_dst, Probe::Udp, sport, dport, id)?;
             if tags.udp_checksum != udp.checksum() {
                 return Err(Stray::BadTag);
             }
@@ -398,9 +398,9 @@ fn quoted_v6(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
                 return Err(Stray::NotOurProbe);
             };
             let (id, _) = split_state(echo.seq).ok_or(Stray::NotOurProbe)?;
-            let tags = Tags::new(key, flow_dst, Probe::Icmp, echo.id, 0, id);
+            let tags = keys.tags(flow_dst, Probe::Icmp, echo.id, 0, id)?;
             if tags.echo_seq != echo.seq
-                || Tags::echo_checksum(key, flow_dst, echo.id) != icmp.checksum()
+                || keys.echo_checksum(flow_dst, echo.id)? != icmp.checksum()
             {
                 return Err(Stray::BadTag);
             }
@@ -410,7 +410,7 @@ fn quoted_v6(quoted: &[u8], key: &ProbeKey) -> Result<Matched, Stray> {
         IpNumber::TCP => {
             let (sport, dport, seq) = quoted_tcp(l4)?;
             let id = split_tcp_seq(seq).ok_or(Stray::NotOurProbe)?;
-            if Tags::new(key, flow_dst, Probe::Tcp, sport, dport, id).tcp_seq != seq {
+            if keys.tags(flow_dst, Probe::Tcp, sport, dport, id)?.tcp_seq != seq {
                 return Err(Stray::BadTag);
             }
             (Probe::Tcp, sport, dport, id)

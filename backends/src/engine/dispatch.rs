@@ -68,7 +68,8 @@ pub enum Delivery {
 /// The running traces' flows.
 #[derive(Debug, Default)]
 pub struct FlowTable {
-    flows: RwLock<HashMap<FlowKey, mpsc::Sender<Arrival>>>,
+    /// Each running flow's trace: its reply queue and salt.
+    flows: RwLock<HashMap<FlowKey, (mpsc::Sender<Arrival>, u32)>>,
 }
 
 impl FlowTable {
@@ -78,13 +79,14 @@ impl FlowTable {
         mpsc::channel(capacity)
     }
 
-    /// Routes replies for `key` to `tx`; false if a running trace already has `key`.
-    pub fn insert(&self, key: FlowKey, tx: &mpsc::Sender<Arrival>) -> bool {
+    /// Routes replies for `key` to `tx`, the trace with `salt`; false if a running trace
+    /// already has `key`.
+    pub fn insert(&self, key: FlowKey, tx: &mpsc::Sender<Arrival>, salt: u32) -> bool {
         let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
         match flows.entry(key) {
             Entry::Occupied(_) => false,
             Entry::Vacant(slot) => {
-                slot.insert(tx.clone());
+                slot.insert((tx.clone(), salt));
                 true
             }
         }
@@ -96,10 +98,16 @@ impl FlowTable {
         flows.remove(key);
     }
 
+    /// The salt of the trace running `key`, if any.
+    pub fn salt(&self, key: &FlowKey) -> Option<u32> {
+        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        flows.get(key).map(|&(_, salt)| salt)
+    }
+
     /// Hands `reply` to its trace.
     pub fn deliver(&self, reply: Reply, rx: Instant) -> Delivery {
         let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = flows.get(&FlowKey::of(&reply)) else {
+        let Some((tx, _)) = flows.get(&FlowKey::of(&reply)) else {
             return Delivery::NoFlow;
         };
         match tx.try_send(Arrival { reply, rx }) {

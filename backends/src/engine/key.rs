@@ -4,6 +4,7 @@ use std::fmt;
 use std::io::Read;
 use std::net::IpAddr;
 
+use super::ProbeId;
 use crate::Probe;
 
 /// A secret per engine instance, so forged replies, or replies to another engine's probes, fail
@@ -48,18 +49,19 @@ impl ProbeKey {
         Self(bytes)
     }
 
-    /// The keyed hash of one probe: (family, destination, protocol, ports, TTL, attempt).
+    /// The keyed hash of one probe: (family, destination, protocol, ports, TTL, attempt) and
+    /// the salt of the trace that sent it.
     pub(super) fn mac(
         &self,
         dst: IpAddr,
         probe: Probe,
         sport: u16,
         dport: u16,
-        ttl: u8,
-        attempt: u8,
+        id: ProbeId,
+        salt: u32,
     ) -> u64 {
         // Fixed-size message so hashing allocates nothing: family tag, address, then the rest.
-        let mut msg = [0u8; 24];
+        let mut msg = [0u8; 28];
         let addr_len = match dst {
             IpAddr::V4(a) => {
                 msg[0] = 4;
@@ -82,9 +84,10 @@ impl ProbeKey {
         let dport = if probe == Probe::Icmp { 0 } else { dport };
         msg[rest + 1..rest + 3].copy_from_slice(&sport.to_be_bytes());
         msg[rest + 3..rest + 5].copy_from_slice(&dport.to_be_bytes());
-        msg[rest + 5] = ttl;
-        msg[rest + 6] = attempt;
-        siphash24(&self.0, &msg[..rest + 7])
+        msg[rest + 5] = id.ttl;
+        msg[rest + 6] = id.attempt;
+        msg[rest + 7..rest + 11].copy_from_slice(&salt.to_be_bytes());
+        siphash24(&self.0, &msg[..rest + 11])
     }
 }
 

@@ -16,7 +16,7 @@
 //! # Layout
 //!
 //! `m` is the 64-bit keyed hash of (family, destination, protocol, source port, destination port,
-//! TTL, attempt); `m[a..b]` are its bits a to b-1. The TTL gets 6 bits and the attempt 2, so
+//! TTL, attempt, trace salt); `m[a..b]` are its bits a to b-1. The TTL gets 6 bits and the attempt 2, so
 //! TTL ≤ [`MAX_TTL`] (63) and attempt ≤ [`MAX_ATTEMPT`] (3):
 //!
 //! - `state` = `ttl << 10 | attempt << 8 | m[0..8]` (16 bits);
@@ -43,6 +43,12 @@
 //!
 //! The source address is not in the tag: an ICMPv6 socket does not say which local address an
 //! echo reply came to, and the key is per engine instance anyway.
+//!
+//! The trace salt is a number the engine gives each trace, kept in the flow table beside the
+//! trace's queue: the decoder looks up the salt of the flow a reply quotes before checking the
+//! tag ([`Keys`]). So a genuine reply captured during one trace and replayed during a later
+//! trace of the same flow (same destination and ports) fails the tag check, and a reply for a
+//! flow no trace runs is counted without being authenticated.
 
 mod decode;
 mod dispatch;
@@ -64,7 +70,7 @@ use crate::Probe;
 pub use decode::{decode_icmp6, decode_tcp6, decode_v4};
 pub use key::ProbeKey;
 pub use paris::StopReason;
-pub use probe::encode;
+pub use probe::{Keys, encode};
 pub use socket::{
     EngineError, Listener, Packet, ProbeSockets, RECV_BUFFER, Reader, ensure_thread_in,
     thread_ns_id,
@@ -89,6 +95,9 @@ pub struct Flow {
     pub sport: u16,
     /// UDP/TCP destination port; ignored (taken as 0) for ICMP echo.
     pub dport: u16,
+    /// The salt of the trace probing the flow, in every tag: a reply to an earlier trace of
+    /// the same flow (replayed, or just late) fails the tag check of the next one.
+    pub salt: u32,
 }
 
 /// One probe of a flow: the TTL it is sent with, and which attempt at that TTL.
@@ -227,7 +236,12 @@ pub enum Stray {
     /// A direct TCP reply whose checksum is wrong (corrupted on the way).
     #[error("bad TCP checksum")]
     BadChecksum,
-    /// The integrity tag does not match: forged, replayed from another engine, or corrupted.
+    /// The integrity tag does not match: forged, replayed from another trace or engine, or
+    /// corrupted.
     #[error("integrity tag mismatch")]
     BadTag,
+    /// Shaped like a reply to one of our probes, but no running trace has its flow (late, or
+    /// not ours): it cannot be authenticated.
+    #[error("no running trace has this flow")]
+    NoFlow,
 }

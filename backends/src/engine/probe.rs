@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use etherparse::{IpNumber, Ipv4Header, TcpHeader};
 
-use super::{EncodeError, Encoded, Flow, MAX_ATTEMPT, MAX_TTL, ProbeId, ProbeKey};
+use super::{EncodeError, Encoded, Flow, MAX_ATTEMPT, MAX_TTL, ProbeId, ProbeKey, Stray};
 use crate::Probe;
 
 /// Length of the UDP / ICMP probe payload: `[state: u16][tag32: u32][tweak: u16]`.
@@ -33,16 +33,18 @@ pub(super) struct Tags {
 }
 
 impl Tags {
-    /// Computes the tags of (flow, ttl, attempt); `ttl`, `attempt` must be in range.
+    /// Computes the tags of (flow, ttl, attempt) for the trace with `salt`; `ttl`, `attempt`
+    /// must be in range.
     pub(super) fn new(
         key: &ProbeKey,
+        salt: u32,
         dst: IpAddr,
         probe: Probe,
         sport: u16,
         dport: u16,
         id: ProbeId,
     ) -> Self {
-        let m = key.mac(dst, probe, sport, dport, id.ttl, id.attempt);
+        let m = key.mac(dst, probe, sport, dport, id, salt);
         let hi = u16::from(id.ttl) << 10 | u16::from(id.attempt) << 8;
         Self {
             state: hi | (m & 0xff) as u16,
@@ -57,8 +59,9 @@ impl Tags {
 
     /// The ICMP echo checksum every probe of the flow carries (Paris): `m[8..24]` at TTL 0,
     /// which no probe uses.
-    pub(super) fn echo_checksum(key: &ProbeKey, dst: IpAddr, sport: u16) -> u16 {
-        reachable_checksum((key.mac(dst, Probe::Icmp, sport, 0, 0, 0) >> 8) as u16)
+    pub(super) fn echo_checksum(key: &ProbeKey, salt: u32, dst: IpAddr, sport: u16) -> u16 {
+        let none = ProbeId { ttl: 0, attempt: 0 };
+        reachable_checksum((key.mac(dst, Probe::Icmp, sport, 0, none, salt) >> 8) as u16)
     }
 
     /// The probe's payload with a zero tweak.
@@ -66,6 +69,54 @@ impl Tags {
         let [s0, s1] = self.state.to_be_bytes();
         let [t0, t1, t2, t3] = self.tag32.to_be_bytes();
         [s0, s1, t0, t1, t2, t3, 0, 0]
+    }
+}
+
+/// What decoding checks tags with: the engine's key, and the salt of the running trace that
+/// owns a flow (`salt_of(destination, protocol, source port, destination port)`, the
+/// destination port 0 for ICMP). A flow no trace owns cannot be authenticated.
+#[derive(Clone, Copy)]
+pub struct Keys<'a> {
+    key: &'a ProbeKey,
+    salt_of: &'a dyn Fn(IpAddr, Probe, u16, u16) -> Option<u32>,
+}
+
+impl<'a> Keys<'a> {
+    /// Tags checked with `key` and the salts `salt_of` gives.
+    pub fn new(
+        key: &'a ProbeKey,
+        salt_of: &'a dyn Fn(IpAddr, Probe, u16, u16) -> Option<u32>,
+    ) -> Self {
+        Self { key, salt_of }
+    }
+
+    /// The tags of probe `id` of a flow, if a running trace owns the flow.
+    pub(super) fn tags(
+        &self,
+        dst: IpAddr,
+        probe: Probe,
+        sport: u16,
+        dport: u16,
+        id: ProbeId,
+    ) -> Result<Tags, Stray> {
+        let salt = self.salt(dst, probe, sport, dport)?;
+        Ok(Tags::new(self.key, salt, dst, probe, sport, dport, id))
+    }
+
+    /// The flow's ICMP echo checksum (see [`Tags::echo_checksum`]).
+    pub(super) fn echo_checksum(&self, dst: IpAddr, id: u16) -> Result<u16, Stray> {
+        let salt = self.salt(dst, Probe::Icmp, id, 0)?;
+        Ok(Tags::echo_checksum(self.key, salt, dst, id))
+    }
+
+    fn salt(&self, dst: IpAddr, probe: Probe, sport: u16, dport: u16) -> Result<u32, Stray> {
+        (self.salt_of)(dst, probe, sport, dport).ok_or(Stray::NoFlow)
+    }
+}
+
+impl std::fmt::Debug for Keys<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
     }
 }
 
@@ -164,7 +215,9 @@ pub fn encode(
         (IpAddr::V6(_), IpAddr::V6(_)) => false,
         _ => return Err(EncodeError::MixedFamilies),
     };
-    let tags = Tags::new(key, flow.dst, flow.probe, flow.sport, flow.dport, id);
+    let tags = Tags::new(
+        key, flow.salt, flow.dst, flow.probe, flow.sport, flow.dport, id,
+    );
     let start = out.len();
 
     // The L4 part, built in place so the tweak can be patched with the checksum known.
@@ -189,7 +242,7 @@ pub fn encode(
                 let proto = IpNumber::IPV6_ICMP;
                 (128, proto, pseudo_header(flow.src, flow.dst, proto.0, len))
             };
-            let checksum = Tags::echo_checksum(key, flow.dst, flow.sport);
+            let checksum = Tags::echo_checksum(key, flow.salt, flow.dst, flow.sport);
             l4[0] = icmp_type;
             l4[2..4].copy_from_slice(&checksum.to_be_bytes());
             l4[4..6].copy_from_slice(&flow.sport.to_be_bytes());

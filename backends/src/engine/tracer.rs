@@ -24,7 +24,9 @@ use super::mda::{FlowIx, MdaConfig, MdaTrace, Step as MdaStep};
 use super::pacer::Pacer;
 use super::paris::{ParisConfig, ParisTrace, Step};
 use super::socket::{Listener, Packet, ProbeSockets, Reader};
-use super::{EngineError, Flow, ProbeId, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode};
+use super::{
+    EngineError, Flow, Keys, ProbeId, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode,
+};
 use crate::{Method, NetNs, Probe, TraceError, TraceOutput, TraceRequest, Tracer};
 
 /// scamper's default destination port for UDP Paris traces.
@@ -69,7 +71,8 @@ pub struct EngineStats {
     pub replies: u64,
     /// Packets read that are not replies to our probes (failed to decode or to authenticate).
     pub strays: u64,
-    /// Authentic replies for no running trace (arrived after their trace ended).
+    /// Replies shaped like ours for a flow no trace is running (arrived after their trace
+    /// ended, or another prober's); they cannot be authenticated, so they are not checked.
     pub late: u64,
     /// Replies dropped because their trace's queue was full.
     pub overflow: u64,
@@ -99,6 +102,8 @@ struct Shared {
     hostname: String,
     next_port: AtomicU32,
     running: AtomicUsize,
+    /// The next trace's salt (see the module docs of `engine`).
+    next_salt: AtomicU32,
     options: EngineOptions,
 }
 
@@ -130,6 +135,7 @@ impl Engine {
             hostname,
             next_port: AtomicU32::new(AUTO_PORTS.start + std::process::id() % 1000),
             running: AtomicUsize::new(0),
+            next_salt: AtomicU32::new(0),
             options,
         });
         let mut threads = Vec::new();
@@ -233,7 +239,7 @@ impl Engine {
         };
         let answers = trace.answers();
         let icmp_sum = if probe == Probe::Icmp {
-            super::probe::Tags::echo_checksum(&shared.key, flow.dst, flow.sport)
+            super::probe::Tags::echo_checksum(&shared.key, flow.salt, flow.dst, flow.sport)
         } else {
             0
         };
@@ -324,6 +330,7 @@ impl Engine {
             probe,
             sport: 0,
             dport: 0,
+            salt: registration.salt,
         });
         let flow_ids: Vec<u16> = flows.iter().map(|f| f.sport).collect();
         let line = TracelbLine {
@@ -359,6 +366,8 @@ impl Drop for Engine {
 /// A trace's claim on its flows; unregisters them on drop, whatever way the trace ends.
 struct Registration<'a> {
     shared: &'a Shared,
+    /// This trace's salt, in every tag of its probes.
+    salt: u32,
     keys: Vec<FlowKey>,
     sender: mpsc::Sender<Arrival>,
     replies: mpsc::Receiver<Arrival>,
@@ -371,6 +380,7 @@ impl<'a> Registration<'a> {
         shared.running.fetch_add(1, Ordering::Relaxed);
         Self {
             shared,
+            salt: shared.next_salt.fetch_add(1, Ordering::Relaxed),
             keys: Vec::new(),
             sender,
             replies,
@@ -399,7 +409,7 @@ impl<'a> Registration<'a> {
                 sport,
                 dport,
             };
-            if self.shared.flows.insert(key, &self.sender) {
+            if self.shared.flows.insert(key, &self.sender, self.salt) {
                 self.keys.push(key);
                 return Flow {
                     src,
@@ -407,6 +417,7 @@ impl<'a> Registration<'a> {
                     probe,
                     sport,
                     dport,
+                    salt: self.salt,
                 };
             }
             // A fixed port waits for its trace to end; automatic ones move on, but every
@@ -501,18 +512,29 @@ impl Shared {
 
     fn on_packet(&self, which: Listener, packet: Packet<'_>) {
         let rx = Instant::now();
+        let salt_of = |dst, probe, sport, dport| {
+            self.flows.salt(&FlowKey {
+                dst,
+                probe,
+                sport,
+                dport,
+            })
+        };
+        let keys = Keys::new(&self.key, &salt_of);
         let decoded = match (which, packet.from) {
-            (Listener::IcmpV4 | Listener::TcpV4, _) => decode_v4(packet.bytes, &self.key),
+            (Listener::IcmpV4 | Listener::TcpV4, _) => decode_v4(packet.bytes, &keys),
             (Listener::IcmpV6, Some(from)) => {
-                decode_icmp6(packet.bytes, from, packet.hop_limit, &self.key)
+                decode_icmp6(packet.bytes, from, packet.hop_limit, &keys)
             }
             (Listener::TcpV6, Some(from)) => match packet.to {
-                Some(to) => decode_tcp6(packet.bytes, from, to, packet.hop_limit, &self.key),
+                Some(to) => decode_tcp6(packet.bytes, from, to, packet.hop_limit, &keys),
                 None => Err(super::Stray::NotOurProbe),
             },
             (_, None) => Err(super::Stray::NotOurProbe),
         };
         let counter = match decoded {
+            // Shaped like ours, for no running trace: late (or another prober's).
+            Err(super::Stray::NoFlow) => &self.counters.late,
             Err(_) => &self.counters.strays,
             Ok(reply) => match self.flows.deliver(reply, rx) {
                 Delivery::Delivered => &self.counters.replies,

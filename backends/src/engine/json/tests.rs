@@ -93,6 +93,7 @@ fn flow(probe: Probe, v4: bool) -> Flow {
         probe,
         sport: 46171,
         dport: if probe == Probe::Icmp { 0 } else { 443 },
+        salt: 0,
     }
 }
 

@@ -42,6 +42,7 @@ fn flow(v6: bool, probe: Probe) -> Flow {
         probe,
         sport: 33434,
         dport: if probe == Probe::Icmp { 0 } else { 443 },
+        salt: 0,
     }
 }
 
@@ -151,16 +152,31 @@ fn tcp_reply(flow: &Flow, l4: &[u8], syn_ack: bool) -> Vec<u8> {
     out
 }
 
+/// Every flow is run by a trace with salt 0 (the salt the test flows are encoded with).
+fn any_flow(_: IpAddr, _: Probe, _: u16, _: u16) -> Option<u32> {
+    Some(0)
+}
+
+/// Tags checked with `key`, for any flow.
+fn keys(key: &ProbeKey) -> Keys<'_> {
+    Keys::new(key, &any_flow)
+}
+
 /// Decodes a reply to `flow` of the shape the family's socket returns.
 fn decode(flow: &Flow, reply: &[u8], from: IpAddr, key: &ProbeKey) -> Result<Reply, Stray> {
+    decode_keyed(flow, reply, from, &keys(key))
+}
+
+/// [`decode`] with the salts `keys` gives.
+fn decode_keyed(flow: &Flow, reply: &[u8], from: IpAddr, keys: &Keys<'_>) -> Result<Reply, Stray> {
     match (flow.src, from) {
-        (IpAddr::V4(_), _) => decode_v4(reply, key),
+        (IpAddr::V4(_), _) => decode_v4(reply, keys),
         (IpAddr::V6(src), IpAddr::V6(from))
             if flow.probe == Probe::Tcp && from == v6ip(flow.dst) =>
         {
-            decode_tcp6(reply, from, src, 58, key)
+            decode_tcp6(reply, from, src, 58, keys)
         }
-        (IpAddr::V6(_), IpAddr::V6(from)) => decode_icmp6(reply, from, 58, key),
+        (IpAddr::V6(_), IpAddr::V6(from)) => decode_icmp6(reply, from, 58, keys),
         _ => panic!("mixed families"),
     }
 }
@@ -276,6 +292,30 @@ fn every_reply_round_trips_for_every_family_kind_ttl_and_attempt() {
                 let errored = matches!(kind, Kind::TimeExceeded | Kind::Unreachable { .. });
                 assert_eq!(reply.quoted_ttl, errored.then_some(1));
             }
+        }
+    }
+}
+
+/// A reply to an earlier trace of the same flow (another salt) fails the tag check of the
+/// trace running it now, and a reply for a flow no trace runs is not authenticated at all.
+#[test]
+fn replies_to_another_trace_of_the_flow_or_to_no_trace_are_refused() {
+    let key = key();
+    let id = ProbeId { ttl: 3, attempt: 0 };
+    let later = |_: IpAddr, _: Probe, _: u16, _: u16| Some(1);
+    let nobody = |_: IpAddr, _: Probe, _: u16, _: u16| None;
+    for flow in every_flow() {
+        let probe = probe_bytes(&flow, id, &key);
+        for (from, kind, bytes) in replies(&flow, &probe) {
+            let decode_with = |salt_of: &dyn Fn(IpAddr, Probe, u16, u16) -> Option<u32>| {
+                decode_keyed(&flow, &bytes, from, &Keys::new(&key, salt_of))
+            };
+            assert_eq!(decode_with(&later), Err(Stray::BadTag), "{flow:?} {kind:?}");
+            assert_eq!(
+                decode_with(&nobody),
+                Err(Stray::NoFlow),
+                "{flow:?} {kind:?}"
+            );
         }
     }
 }

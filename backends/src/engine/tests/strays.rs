@@ -78,7 +78,7 @@ fn forged_quotes_never_decode() {
         };
         let bytes = icmp6_error(ROUTER6, &elsewhere, 3, 0, &probe);
         assert!(
-            decode_icmp6(&bytes, ROUTER6, 60, &key).is_err(),
+            decode_icmp6(&bytes, ROUTER6, 60, &keys(&key)).is_err(),
             "{probe_kind:?}"
         );
     }
@@ -148,9 +148,9 @@ fn random_and_mutated_packets_never_panic_and_only_decode_when_the_tag_checks_ou
             IpAddr::V4(_) => ROUTER6,
         };
         let results = [
-            decode_v4(&bytes, &key),
-            decode_icmp6(&bytes, from6, 64, &key),
-            decode_tcp6(&bytes, from6, SRC6, 64, &key),
+            decode_v4(&bytes, &keys(&key)),
+            decode_icmp6(&bytes, from6, 64, &keys(&key)),
+            decode_tcp6(&bytes, from6, SRC6, 64, &keys(&key)),
         ];
         for reply in results.into_iter().flatten() {
             assert_ne!(round % 4, 0, "noise decoded: {reply:?}");
@@ -162,6 +162,7 @@ fn random_and_mutated_packets_never_panic_and_only_decode_when_the_tag_checks_ou
                 probe: reply.probe,
                 sport: reply.sport,
                 dport: reply.dport,
+                salt: 0,
             };
             assert_eq!(
                 probe_bytes(&named, reply.id, &key),
@@ -185,7 +186,7 @@ fn strays_are_classified() {
         .write(&mut bytes, &[])
         .expect("write to a Vec");
     assert_eq!(
-        decode_v4(&bytes, &key),
+        decode_v4(&bytes, &keys(&key)),
         Err(Stray::UnknownType {
             icmp_type: 8,
             code: 0
@@ -197,7 +198,10 @@ fn strays_are_classified() {
         .udp(1, 2)
         .write(&mut bytes, &[])
         .expect("write to a Vec");
-    assert_eq!(decode_v4(&bytes, &key), Err(Stray::UnexpectedProtocol(17)));
+    assert_eq!(
+        decode_v4(&bytes, &keys(&key)),
+        Err(Stray::UnexpectedProtocol(17))
+    );
     // A router advertisement on the ICMPv6 socket.
     let ra = icmp6_message(
         ROUTER6,
@@ -210,7 +214,7 @@ fn strays_are_classified() {
         &[0; 8],
     );
     assert_eq!(
-        decode_icmp6(&ra, ROUTER6, 255, &key),
+        decode_icmp6(&ra, ROUTER6, 255, &keys(&key)),
         Err(Stray::UnknownType {
             icmp_type: 134,
             code: 0
@@ -220,7 +224,7 @@ fn strays_are_classified() {
     let echo = Icmpv6Type::EchoReply(IcmpEchoHeader { id: 1, seq: 0x00ff });
     let reply = icmp6_message(DST6, &flow(true, Probe::Icmp), echo, &[0; 8]);
     assert_eq!(
-        decode_icmp6(&reply, DST6, 60, &key),
+        decode_icmp6(&reply, DST6, 60, &keys(&key)),
         Err(Stray::NotOurProbe)
     );
     // A TCP reply with a broken checksum.
@@ -232,7 +236,7 @@ fn strays_are_classified() {
     );
     rst[16] ^= 1;
     assert_eq!(
-        decode_tcp6(&rst, DST6, SRC6, 60, &key),
+        decode_tcp6(&rst, DST6, SRC6, 60, &keys(&key)),
         Err(Stray::BadChecksum)
     );
     // A key's Debug output never shows the secret.
