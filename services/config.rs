@@ -315,3 +315,18 @@ impl ServeArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confidence_is_95_or_99_percent() {
+        assert_eq!(confidence("95"), Ok(Confidence::P95));
+        assert_eq!(confidence("99"), Ok(Confidence::P99));
+        for bad in ["90", "0.95", "", "99%"] {
+            let err = confidence(bad).expect_err(bad);
+            assert!(err.contains("95 or 99"), "{err}");
+        }
+    }
+}
