@@ -4,7 +4,7 @@
 //! shorter.
 //!
 //! `cargo bench --bench multipath` (needs root: it builds network namespaces).
-//! `BENCH_MDA_TRACES` (default 5) sets scamper's traces per variant, family and round (the
+//! `BENCH_MDA_TRACES` (default 8) sets scamper's traces per variant, family and round (the
 //! engine runs [`ENGINE_PER_SCAMPER`]× as many, one at a time), `BENCH_ROUNDS` (default 3) the
 //! rounds, `BENCH_FAMILIES` (`v4`, `v6` or `v4,v6`, the default) the address families. The
 //! method and the results are in BENCHMARKS.md.
@@ -54,10 +54,12 @@ const TRACE_DEADLINE: Duration = Duration::from_secs(60);
 /// Bound on one batch: traces still running then count as failures.
 const BATCH_LIMIT: Duration = Duration::from_secs(90);
 /// Defaults and bounds of the environment variables.
-const DEFAULT_SCAMPER_TRACES: usize = 5;
+const DEFAULT_SCAMPER_TRACES: usize = 8;
 const MAX_SCAMPER_TRACES: usize = 50;
 const DEFAULT_ROUNDS: usize = 3;
 const MAX_ROUNDS: usize = 20;
+/// Bound on the traces that wait for a fresh lab to carry scamper's probes.
+const WARM_UP_TRIES: usize = 20;
 /// Failure messages kept per batch (the count is always complete).
 const MESSAGES_KEPT: usize = 3;
 
@@ -92,11 +94,11 @@ impl System {
         }
     }
 
-    /// tracelb's `wait_probe` in scamper's output, checked so a wrong guard script shows.
+    /// tracelb's `wait_probe` (ms) in scamper's output, checked so a wrong guard script shows.
     fn wait_probe(self) -> Option<u64> {
         match self {
-            System::Scamper => Some(25),
-            System::ScamperFastest => Some(u64::from(FASTEST_WAIT_PROBE)),
+            System::Scamper => Some(250),
+            System::ScamperFastest => Some(u64::from(FASTEST_WAIT_PROBE) * 10),
             System::Engine | System::EngineConcurrent => None,
         }
     }
@@ -310,6 +312,10 @@ fn measure(
             (system, tracer)
         })
         .collect();
+    for &family in families {
+        let scamper = &scampers[&System::ScamperFastest];
+        runtime.block_on(await_scamper(scamper, family.dst(lab, 200)));
+    }
     let mut batches: HashMap<(Family, System), Vec<Batch>> = HashMap::new();
     for round in 0..rounds {
         for &family in families {
@@ -359,6 +365,23 @@ fn measure(
         }
     }
     batches
+}
+
+/// Waits until scamper's tracelb sends probes to `dst`: whole traces (untimed, at most
+/// [`WARM_UP_TRIES`]; tracelb rejects a `-Q` small enough for a quick one). In a freshly built
+/// lab, IPv6 tracelb sends no probe at all for about a second (it returns `probec` 0 after half
+/// a second); the engine is unaffected.
+async fn await_scamper(scamper: &Arc<dyn Tracer>, dst: IpAddr) {
+    let request = mda_request(dst);
+    for _ in 0..WARM_UP_TRIES {
+        if let Ok(output) = scamper.trace(&request).await
+            && check(&output, dst, System::ScamperFastest).is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("scamper's tracelb to {dst} sent no probe after {WARM_UP_TRIES} tries");
 }
 
 /// A scamper wrapper for `ScamperProcess` that refuses (exit 99) to run outside the lab's
@@ -427,7 +450,10 @@ async fn engine_turn(
     if stats.kernel_drops + stats.overflow > 0 {
         concurrent.fail(0, format!("engine stats: {stats:?}"));
     }
-    vec![(System::Engine, one), (System::EngineConcurrent, concurrent)]
+    vec![
+        (System::Engine, one),
+        (System::EngineConcurrent, concurrent),
+    ]
 }
 
 /// Runs an MDA trace of every destination through `tracer`, `in_flight` at once, within
@@ -452,29 +478,25 @@ async fn timed_batch(
     for dst in dsts {
         let (tracer, permits) = (Arc::clone(&tracer), Arc::clone(&permits));
         set.spawn(async move {
-            let _permit = permits.acquire().await.expect("the semaphore is never closed");
+            let _permit = permits
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
             let start = Instant::now();
             let result = tracer.trace(&mda_request(dst)).await;
             (dst, result.map_err(|e| e.to_string()), start.elapsed())
         });
     }
-    let mut returned = Vec::new();
-    let (mut last, deadline) = (started, started + BATCH_LIMIT);
-    let mut unfinished = 0;
-    while !set.is_empty() {
-        match tokio::time::timeout_at(deadline, set.join_next()).await {
-            Ok(Some(joined)) => {
-                last = Instant::now();
-                returned.push(joined.expect("trace task"));
-            }
-            Ok(None) => break,
-            Err(_) => {
-                // Dropping the set aborts the rest (the library kills their processes).
-                unfinished = set.len();
-                break;
-            }
+    let (mut returned, mut last) = (Vec::new(), started);
+    let collect = async {
+        while let Some(joined) = set.join_next().await {
+            last = Instant::now();
+            returned.push(joined.expect("trace task"));
         }
-    }
+    };
+    // Traces left at the limit are aborted when the set drops (the library kills scamper).
+    let all_done = tokio::time::timeout_at(started + BATCH_LIMIT, collect).await;
+    let unfinished = if all_done.is_ok() { 0 } else { set.len() };
     let (user, sys) = cpu(who);
     let mut batch = Batch {
         wall: last - started,
@@ -518,10 +540,21 @@ fn check(output: &TraceOutput, dst: IpAddr, system: System) -> Result<(u64, Link
     if let Some(want) = system.wait_probe()
         && tracelb["wait_probe"].as_u64() != Some(want)
     {
-        return Err(format!("wait_probe {} (expected {want})", tracelb["wait_probe"]));
+        return Err(format!(
+            "wait_probe {} (expected {want})",
+            tracelb["wait_probe"]
+        ));
     }
     let probes = tracelb["probec"].as_u64().ok_or("no probec")?;
-    let links = output.summary.links.iter().map(|l| (l.from, l.to)).collect();
+    if probes == 0 {
+        return Err("sent no probe".to_owned());
+    }
+    let links = output
+        .summary
+        .links
+        .iter()
+        .map(|l| (l.from, l.to))
+        .collect();
     Ok((probes, links))
 }
 
@@ -574,13 +607,16 @@ fn median(values: impl IntoIterator<Item = f64>) -> f64 {
 /// rounds' own medians.
 fn pooled(batches: &[Batch], metric: impl Fn(&Traced) -> f64) -> (f64, f64, f64) {
     let all = median(batches.iter().flat_map(|b| b.traced.iter().map(&metric)));
-    let rounds: Vec<f64> = batches
+    let mut rounds: Vec<f64> = batches
         .iter()
         .map(|b| median(b.traced.iter().map(&metric)))
+        .filter(|m| !m.is_nan())
         .collect();
-    let low = rounds.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = rounds.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (all, low, high)
+    rounds.sort_by(f64::total_cmp);
+    match (rounds.first(), rounds.last()) {
+        (Some(&low), Some(&high)) => (all, low, high),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
 }
 
 /// Medians of one system's batches in one family.
@@ -671,20 +707,39 @@ fn report(batches: &HashMap<(Family, System), Vec<Batch>>) -> String {
                 s.failures,
             );
         }
+        // `-W` changes only when tracelb probes, not what: both variants' traces are one
+        // sample of its probe counts.
+        let scamper_probes = median(
+            [System::Scamper, System::ScamperFastest]
+                .iter()
+                .filter_map(|s| batches.get(&(family, *s)))
+                .flatten()
+                .flat_map(|b| b.traced.iter().map(|t| t.probes as f64)),
+        );
         out.push('\n');
-        out.push_str(&ratios(&summaries));
+        out.push_str(&ratios(&summaries, scamper_probes));
         out.push('\n');
     }
     out
 }
 
-/// The engine (one at a time) against each scamper variant: issue 3's two goals.
-fn ratios(summaries: &HashMap<System, Summary>) -> String {
+/// The engine (one at a time) against each scamper variant, and its probes against every
+/// scamper trace (median `scamper_probes`): issue 3's two goals.
+fn ratios(summaries: &HashMap<System, Summary>, scamper_probes: f64) -> String {
     let mut out = String::new();
     let Some(engine) = summaries.get(&System::Engine) else {
         return out;
     };
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    let probes = engine.probes.0 / scamper_probes;
+    let _ = writeln!(
+        out,
+        "- engine probes/trace ÷ scamper's, both variants' traces pooled: {:.0} ÷ {:.0} = \
+         {probes:.2} (goal ≤ 1.0: {})",
+        engine.probes.0,
+        scamper_probes,
+        verdict(probes <= 1.0),
+    );
     for peer in [System::Scamper, System::ScamperFastest] {
         let Some(scamper) = summaries.get(&peer) else {
             continue;
@@ -708,7 +763,10 @@ fn ratios(summaries: &HashMap<System, Summary>) -> String {
 /// The 1-minute load average.
 fn load_average() -> String {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace().next().unwrap_or("unknown").to_owned()
+    text.split_whitespace()
+        .next()
+        .unwrap_or("unknown")
+        .to_owned()
 }
 
 /// CPU count, kernel and scamper version (`scamper -v` sends nothing, but runs in the lab
