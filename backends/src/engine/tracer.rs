@@ -460,8 +460,12 @@ impl Shared {
     /// Waits until the probe budget allows `n` more probes.
     async fn pace(&self, n: usize) {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let at = self.pacer.reserve(n, Instant::now());
-        tokio::time::sleep_until(at.into()).await;
+        let now = Instant::now();
+        let at = self.pacer.reserve(n, now);
+        // tokio's timer ticks in milliseconds: a sleep, even until now, can cost up to one.
+        if at > now {
+            tokio::time::sleep_until(at.into()).await;
+        }
     }
 
     /// Encodes and sends probe `id` of `flow`; returns when it left and its IP length.
