@@ -102,6 +102,23 @@ fn assert_lab_path(out: &TraceOutput, dst: IpAddr, probe: Probe, alternatives: &
 }
 
 /// Every probe kind to one destination: the engine's hops are the lab's and scamper's for the
+/// scamper's trace of `request`. In a freshly built lab Debian's scamper sometimes sends no
+/// probe at all for IPv6 TCP (`stop_reason` NONE, `probe_count` 0, after half a second): it
+/// resolves the first hop's MAC with its own neighbour solicitation over a packet socket and
+/// gives up; about a second after the lab is up it works (the kernel's neighbour cache and
+/// MLD reports are not the cause; the root cause is not found). That is scamper not starting,
+/// not a path: such a result is run again, at most 8 times.
+async fn scamper_trace(scamper: &ScamperProcess, request: &TraceRequest) -> TraceOutput {
+    for _ in 0..8 {
+        let out = scamper.trace(request).await.expect("scamper trace");
+        if !out.lines.contains(r#""probe_count":0}"#) {
+            return out;
+        }
+        eprintln!("scamper sent no probe, running it again: {}", out.lines);
+    }
+    panic!("scamper sent no probe in 8 tries");
+}
+
 /// same flow (same destination, same ports).
 async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Vec<Vec<IpAddr>>) {
     let engine = lab_engine(lab);
@@ -123,7 +140,7 @@ async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Ve
         let read_back = hoptrace_backends::scamper_json::summarize(ours.lines.as_bytes());
         assert_eq!(read_back.expect("summarize"), ours.summary);
         assert_eq!(ours.summary.method, scamper_method(probe));
-        let theirs = scamper.trace(&request).await.expect("scamper trace");
+        let theirs = scamper_trace(&scamper, &request).await;
         assert_eq!(
             hops(&ours),
             hops(&theirs),
