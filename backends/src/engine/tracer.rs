@@ -122,6 +122,13 @@ impl Engine {
             Some(ns) => ProbeSockets::open_in(ns)?,
             None => ProbeSockets::open()?,
         };
+        Self::start(sockets, options)
+    }
+
+    /// Starts the engine on sockets already open ([`ProbeSockets::open`] /
+    /// [`ProbeSockets::open_in`]): needs no privilege, so a process can open the sockets, drop
+    /// its capabilities, then start the engine, whose receive threads inherit none.
+    pub fn start(sockets: ProbeSockets, options: EngineOptions) -> Result<Self, EngineError> {
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".to_owned());
