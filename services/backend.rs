@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hoptrace_backends::engine::{Engine, EngineOptions, EngineStats};
+use hoptrace_backends::engine::{Engine, EngineOptions, EngineStats, ProbeSockets};
 use hoptrace_backends::{
     DaemonOptions, NetNs, ScamperDaemon, ScamperOptions, ScamperProcess, Tracer,
 };
@@ -29,12 +29,37 @@ pub struct Chosen {
     pub engine: Option<Arc<Engine>>,
 }
 
-fn open_engine(args: &ServeArgs, netns: Option<&NetNs>) -> Result<Arc<Engine>, String> {
+/// Opens the engine's raw sockets (in `netns` when given) when `args` may choose the engine
+/// (`--backend engine` or `auto`): the one step of the engine that needs CAP_NET_RAW, done
+/// before the capabilities are dropped. The error says why they could not be opened.
+pub fn open_sockets(
+    args: &ServeArgs,
+    netns: Option<&NetNs>,
+) -> Option<Result<ProbeSockets, String>> {
+    if !matches!(args.backend, BackendKind::Engine | BackendKind::Auto) {
+        return None;
+    }
+    let opened = match netns {
+        Some(ns) => ProbeSockets::open_in(ns),
+        None => ProbeSockets::open(),
+    };
+    Some(opened.map_err(|e| e.to_string()))
+}
+
+/// The message `--backend engine` exits with when its sockets cannot be opened.
+pub fn engine_refused(why: &str) -> String {
+    format!(
+        "--backend engine: {why} (the engine needs CAP_NET_RAW: run as root or \
+         `setcap cap_net_raw+ep` the binary, see the README)"
+    )
+}
+
+fn start_engine(args: &ServeArgs, sockets: ProbeSockets) -> Result<Arc<Engine>, String> {
     let options = EngineOptions {
         pps: args.engine_pps,
         ..EngineOptions::default()
     };
-    Engine::open(netns, options)
+    Engine::start(sockets, options)
         .map(Arc::new)
         .map_err(|e| e.to_string())
 }
@@ -63,8 +88,13 @@ pub fn installed(program: &Path) -> bool {
     })
 }
 
-/// Opens the backend `args` asks for; the error is the message to exit with.
-pub fn choose(args: &ServeArgs, netns: Option<Arc<NetNs>>) -> Result<Chosen, String> {
+/// Starts the backend `args` asks for; the error is the message to exit with. `sockets` are
+/// the engine's, from [`open_sockets`] (opened here when `None`).
+pub fn choose(
+    args: &ServeArgs,
+    netns: Option<Arc<NetNs>>,
+    sockets: Option<Result<ProbeSockets, String>>,
+) -> Result<Chosen, String> {
     let only = |tracer: Arc<dyn Tracer>| Chosen {
         tracer,
         engine: None,
@@ -73,15 +103,13 @@ pub fn choose(args: &ServeArgs, netns: Option<Arc<NetNs>>) -> Result<Chosen, Str
         tracer: Arc::clone(&engine) as Arc<dyn Tracer>,
         engine: Some(engine),
     };
+    let sockets = sockets.or_else(|| open_sockets(args, netns.as_deref()));
     match args.backend {
-        BackendKind::Engine => open_engine(args, netns.as_deref())
+        BackendKind::Engine => sockets
+            .unwrap_or_else(|| Err("no sockets".into()))
+            .and_then(|s| start_engine(args, s))
             .map(engine)
-            .map_err(|e| {
-                format!(
-                    "--backend engine: {e} (the engine needs CAP_NET_RAW: run as root or \
-                     `setcap cap_net_raw+ep` the binary, see the README)"
-                )
-            }),
+            .map_err(|e| engine_refused(&e)),
         BackendKind::Scamper => Ok(only(scamper_process(args, netns))),
         BackendKind::ScamperDaemon => ScamperDaemon::start(
             DaemonOptions {
@@ -96,7 +124,10 @@ pub fn choose(args: &ServeArgs, netns: Option<Arc<NetNs>>) -> Result<Chosen, Str
         .map(|d| only(Arc::new(d)))
         .map_err(|e| format!("--backend scamper-daemon: {e}")),
         BackendKind::Auto => {
-            let why = match open_engine(args, netns.as_deref()) {
+            let opened = sockets
+                .unwrap_or_else(|| Err("no sockets".into()))
+                .and_then(|s| start_engine(args, s));
+            let why = match opened {
                 Ok(e) => {
                     tracing::info!("backend: engine (raw sockets)");
                     return Ok(engine(e));

@@ -17,6 +17,7 @@ pub mod hub;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod privileges;
 pub mod record;
 pub mod scheduler;
 pub mod server;

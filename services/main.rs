@@ -7,6 +7,7 @@ use hoptrace::{
     cli::{Cli, Command},
     client,
     config::{LogFormat, ServeArgs},
+    privileges::{self, Opened},
     server::{self, StartError},
 };
 
@@ -24,46 +25,106 @@ fn init_logging(args: &ServeArgs) {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves at SIGTERM or SIGINT. The handlers are installed when this is called, not when it
+/// is first polled, so a signal that comes as soon as the server logs that it serves is not
+/// fatal.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM and SIGINT; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
+/// Opens what needs a capability, drops them all when the engine is the backend, and only
+/// then builds the runtime: capabilities belong to threads, and every thread the runtime
+/// starts inherits the main thread's.
+fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = args.validate() {
         eprintln!("hoptrace: {e}");
         return ExitCode::from(EX_USAGE);
     }
     init_logging(&args);
-    match server::start(args).await {
-        Ok(running) => {
-            running.serve_until(shutdown_signal()).await;
-            ExitCode::SUCCESS
-        }
-        Err(e @ StartError::Config(_)) => {
-            eprintln!("hoptrace: {e}");
-            ExitCode::from(EX_USAGE)
-        }
+    let mut opened = match Opened::open(&args) {
+        Ok(opened) => opened,
         Err(e) => {
             eprintln!("hoptrace: {e}");
-            ExitCode::FAILURE
+            return ExitCode::from(EX_USAGE);
         }
+    };
+    if opened.engine_chosen() {
+        match opened.drop_capabilities() {
+            Ok(dropped) => tracing::info!(
+                dropped = %privileges::names(dropped.permitted).join(","),
+                bounding_set_emptied = dropped.bounding_emptied,
+                "capabilities dropped: the engine's sockets are open, no thread keeps any"
+            ),
+            Err(e) => {
+                eprintln!("hoptrace: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        tracing::info!(
+            "capabilities kept: the scamper backends start scamper (inside --netns) for every trace"
+        );
+    }
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hoptrace: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let signal = shutdown_signal();
+        match server::start_opened(args, opened).await {
+            Ok(running) => {
+                running.serve_until(signal).await;
+                ExitCode::SUCCESS
+            }
+            Err(e @ StartError::Config(_)) => {
+                eprintln!("hoptrace: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+            Err(e) => {
+                eprintln!("hoptrace: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+async fn client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve runs before the runtime exists"),
+        Command::Trace(args) => client::trace(args).await,
+        Command::Subscribe(args) => client::subscribe(args).await,
+        Command::Report(args) => client::report(args).await,
+        Command::Status(args) => client::status(args).await,
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -75,13 +136,13 @@ async fn main() -> ExitCode {
             };
         }
     };
-    let result = match cli.command {
-        Command::Serve(args) => return serve(*args).await,
-        Command::Trace(args) => client::trace(args).await,
-        Command::Subscribe(args) => client::subscribe(args).await,
-        Command::Report(args) => client::report(args).await,
-        Command::Status(args) => client::status(args).await,
+    let command = match cli.command {
+        Command::Serve(args) => return serve(*args),
+        command => command,
     };
+    let result = runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(client(command)));
     let broken_pipe = |e: &anyhow::Error| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)

@@ -9,7 +9,6 @@ use std::{
 };
 
 use axum::{Router, routing::get};
-use hoptrace_backends::NetNs;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -24,9 +23,10 @@ use crate::{
     metrics::{Metrics, render},
     pipeline::{Pipeline, PipelineConfig, failure_reasons},
     policy::{Policy, Refusal, interface_addresses},
+    privileges::{InNamespace, Opened},
     proto::{self, hoptrace_server::HoptraceServer},
     sources::{
-        host_sockets::{self, DiagSocket, HostSockets, HostSocketsConfig, WatchError},
+        host_sockets::{self, HostSockets, HostSocketsConfig},
         tcpinfo::{TcpInfoConfig, TcpInfoSource},
     },
     store::TraceStore,
@@ -73,10 +73,10 @@ pub struct Running {
 }
 
 /// The addresses of this host (and of the probe namespace), which are never traced.
-fn own_addresses(netns: Option<&NetNs>) -> Vec<std::net::IpAddr> {
+fn own_addresses(inside: Option<&InNamespace>) -> Vec<std::net::IpAddr> {
     let mut addrs = interface_addresses();
-    if let Some(ns) = netns {
-        addrs.extend(ns.run_inside(interface_addresses).unwrap_or_default());
+    if let Some(ns) = inside {
+        addrs.extend(ns.run(interface_addresses).unwrap_or_default());
     }
     addrs
 }
@@ -106,15 +106,22 @@ fn on_demand_prefix(started: SystemTime) -> String {
 /// Everything that can be wrong with the configuration is reported before anything binds.
 pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     args.validate()?;
+    let opened = Opened::open(&args).map_err(ConfigError)?;
+    start_opened(args, opened).await
+}
+
+/// [`start`] with what needs a capability already opened ([`Opened::open`]), perhaps with the
+/// capabilities dropped since.
+pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, StartError> {
+    args.validate()?;
     let config_err = |e: String| StartError::Config(ConfigError(e));
-    let netns = args
-        .netns
-        .as_deref()
-        .map(NetNs::open)
-        .transpose()
-        .map_err(|e| config_err(format!("--netns: {e}")))?
-        .map(Arc::new);
-    let chosen = crate::backend::choose(&args, netns.clone()).map_err(config_err)?;
+    let Opened {
+        netns,
+        sockets,
+        host_socket,
+        inside,
+    } = opened;
+    let chosen = crate::backend::choose(&args, netns.clone(), sockets).map_err(config_err)?;
     let tracer = chosen.tracer;
     let store = Arc::new(
         TraceStore::open(&args.output_dir, args.version_tag.clone())
@@ -134,7 +141,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
         args.deny.clone(),
         args.local_addr.clone(),
     ));
-    policy.set_own_addresses(own_addresses(netns.as_deref()));
+    policy.set_own_addresses(own_addresses(inside.as_ref()));
 
     let started = SystemTime::now();
     let run = started
@@ -204,7 +211,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
     let policy_for_sources = Arc::clone(&policy);
     let housekeeping = {
         let (pipeline, policy, mut stopped) = (Arc::clone(&pipeline), policy, stopped.clone());
-        let netns = netns.clone();
+        let inside = inside.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
             loop {
@@ -213,9 +220,9 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
                     _ = stopped.wait_for(|s| *s) => return,
                 }
                 pipeline.sweep_cache();
-                let ns = netns.clone();
+                let ns = inside.clone();
                 if let Ok(addrs) =
-                    tokio::task::spawn_blocking(move || own_addresses(ns.as_deref())).await
+                    tokio::task::spawn_blocking(move || own_addresses(ns.as_ref())).await
                 {
                     policy.set_own_addresses(addrs);
                 }
@@ -232,16 +239,7 @@ pub async fn start(args: ServeArgs) -> Result<Running, StartError> {
             stopped.clone(),
         )));
     }
-    if args.watch_host_sockets {
-        // Opened in the namespace probes leave from: the connections of interest live there.
-        let open = || DiagSocket::open(args.watch_poll, args.watch_poll_only);
-        let fd = match netns.as_deref() {
-            Some(ns) => ns
-                .run_inside(open)
-                .map_err(WatchError::from)
-                .and_then(|r| r),
-            None => open(),
-        };
+    if let Some(fd) = host_socket {
         match fd {
             Ok(fd) => {
                 let watcher = HostSockets::new(
