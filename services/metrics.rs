@@ -53,10 +53,14 @@ pub struct EngineMetrics {
     /// Probes by outcome: `sent`, `lost` (the kernel's send queue was full).
     pub probes: Family<OutcomeLabel, Counter>,
     /// Packets read by outcome: `reply` (to a running trace), `stray` (not an authentic reply
-    /// to our probes), `late` (authentic, its trace over), `overflow` (its trace's queue full).
+    /// to our probes), `late` (for a flow no trace runs), `overflow` (its trace's queue full).
     pub packets: Family<OutcomeLabel, Counter>,
     /// Packets the kernel dropped on the engine's receive sockets (`SO_RXQ_OVFL`).
     pub kernel_drops: Counter,
+    /// Probes held back for a router that showed an ICMP rate limit.
+    pub router_paced: Counter,
+    /// Routers paced now for their ICMP rate limit.
+    pub limited_routers: Gauge,
 }
 
 impl EngineMetrics {
@@ -79,6 +83,10 @@ impl EngineMetrics {
         inc(&self.packets, "overflow", before.overflow, now.overflow);
         self.kernel_drops
             .inc_by(now.kernel_drops.saturating_sub(before.kernel_drops));
+        self.router_paced
+            .inc_by(now.router_paced.saturating_sub(before.router_paced));
+        self.limited_routers
+            .set(i64::try_from(now.limited_routers).unwrap_or(i64::MAX));
     }
 }
 
@@ -339,6 +347,16 @@ impl Metrics {
             "hoptrace_engine_kernel_drops",
             "Packets the kernel dropped on the engine's receive sockets",
             metrics.engine.kernel_drops.clone(),
+        );
+        r.register(
+            "hoptrace_engine_router_paced",
+            "Engine probes held back for a router that showed an ICMP rate limit",
+            metrics.engine.router_paced.clone(),
+        );
+        r.register(
+            "hoptrace_engine_limited_routers",
+            "Routers the engine paces now for their ICMP rate limit",
+            metrics.engine.limited_routers.clone(),
         );
         r.register(
             "hoptrace_tcpinfo_opens",

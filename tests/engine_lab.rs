@@ -290,6 +290,69 @@ async fn multipath_finds_the_whole_diamond() {
     assert_eq!(engine.running(), 0);
 }
 
+/// With every router and the destination at Linux's default ICMP rate limits (a burst of 6,
+/// then one error per second on IPv4, per 100 ms on IPv6), 200 traces started at once still
+/// get every hop: the first burst shows each router's limit, and the retries are paced to it.
+/// TCP probes, so the destination's answer (a RST) is not rate limited; "complete" is the
+/// strict reading: the destination reached *and* all four routers answered.
+async fn rate_limited_routers_still_answer(lab: &Lab, v4: bool) {
+    let engine = Arc::new(lab_engine(lab));
+    let traces: u16 = 200;
+    let mut set = tokio::task::JoinSet::new();
+    for n in 1..=traces {
+        let dst = if v4 {
+            lab.dst_v4(u8::try_from(n).expect("fits"))
+        } else {
+            lab.dst_v6(n)
+        };
+        let mut request = TraceRequest {
+            source_port: Some(40_000),
+            ..request(dst, Probe::Tcp)
+        };
+        // IPv4 routers answer one trace a second: the last of 200 waits over three minutes.
+        request.limits.deadline = Duration::from_secs(400);
+        let engine = Arc::clone(&engine);
+        set.spawn(async move { (dst, engine.trace(&request).await) });
+    }
+    let mut complete = 0;
+    while let Some(done) = set.join_next().await {
+        let (dst, out) = done.expect("trace task");
+        let out = out.expect("engine trace");
+        let ttls: Vec<u8> = out.summary.hops.iter().map(|h| h.ttl).collect();
+        let whole = out.summary.stop_reason.as_deref() == Some("COMPLETED")
+            && ttls.iter().copied().eq(1..=5);
+        complete += usize::from(whole);
+        if !whole {
+            eprintln!("{dst}: ttls {ttls:?} {:?}", out.summary.stop_reason);
+        }
+    }
+    let stats = engine.stats();
+    eprintln!("v4={v4}: {complete}/{traces} complete; {stats:?}");
+    assert!(stats.router_paced > 0, "nothing was paced: {stats:?}");
+    assert!(
+        complete * 100 >= usize::from(traces) * 95,
+        "v4={v4}: {complete}/{traces} complete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_v6_routers_still_answer() {
+    if !require_root("rate_limited_v6_routers_still_answer") {
+        return;
+    }
+    let lab = Lab::up_with_ratelimit();
+    rate_limited_routers_still_answer(&lab, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_v4_routers_still_answer() {
+    if !require_root("rate_limited_v4_routers_still_answer") {
+        return;
+    }
+    let lab = Lab::up_with_ratelimit();
+    rate_limited_routers_still_answer(&lab, true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_traces_share_one_engine() {
     if !require_root("concurrent_traces_share_one_engine") {

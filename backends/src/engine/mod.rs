@@ -58,6 +58,7 @@ pub mod mda;
 mod pacer;
 pub mod paris;
 mod probe;
+mod routers;
 mod socket;
 #[cfg(test)]
 mod tests;
@@ -71,6 +72,7 @@ pub use decode::{decode_icmp6, decode_tcp6, decode_v4};
 pub use key::ProbeKey;
 pub use paris::StopReason;
 pub use probe::{Keys, encode};
+pub use routers::RouterLimits;
 pub use socket::{
     EngineError, Listener, Packet, ProbeSockets, RECV_BUFFER, Reader, ensure_thread_in,
     thread_ns_id,

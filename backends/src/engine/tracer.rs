@@ -23,6 +23,7 @@ use super::json::{Clock, TraceLine, TracelbLine, probe_size, trace_output, trace
 use super::mda::{FlowIx, MdaConfig, MdaTrace, Step as MdaStep};
 use super::pacer::Pacer;
 use super::paris::{ParisConfig, ParisTrace, Step};
+use super::routers::{RouterLimits, RouterPacing};
 use super::socket::{Listener, Packet, ProbeSockets, Reader};
 use super::{
     EngineError, Flow, Keys, ProbeId, ProbeKey, decode_icmp6, decode_tcp6, decode_v4, encode,
@@ -48,6 +49,8 @@ pub struct EngineOptions {
     pub burst: u32,
     /// Consecutive silent TTLs that end a trace (scamper's `-g`, default 5).
     pub gap_limit: u8,
+    /// Pacing of routers that show an ICMP rate limit (`None`: never paced).
+    pub router_limits: Option<RouterLimits>,
 }
 
 impl Default for EngineOptions {
@@ -56,6 +59,7 @@ impl Default for EngineOptions {
             pps: 10_000,
             burst: 100,
             gap_limit: 5,
+            router_limits: Some(RouterLimits::default()),
         }
     }
 }
@@ -78,6 +82,10 @@ pub struct EngineStats {
     pub overflow: u64,
     /// Packets the kernel dropped on the receive sockets (`SO_RXQ_OVFL`).
     pub kernel_drops: u64,
+    /// Probes held back for a router that showed an ICMP rate limit.
+    pub router_paced: u64,
+    /// Routers paced now.
+    pub limited_routers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +97,7 @@ struct Counters {
     late: AtomicU64,
     overflow: AtomicU64,
     kernel_drops: [AtomicU32; 4],
+    router_paced: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -97,6 +106,7 @@ struct Shared {
     key: ProbeKey,
     flows: FlowTable,
     pacer: Pacer,
+    routers: Option<RouterPacing>,
     counters: Counters,
     stop: AtomicBool,
     hostname: String,
@@ -137,6 +147,7 @@ impl Engine {
             key: ProbeKey::random(),
             flows: FlowTable::default(),
             pacer: Pacer::new(options.pps, options.burst),
+            routers: options.router_limits.map(RouterPacing::new),
             counters: Counters::default(),
             stop: AtomicBool::new(false),
             hostname,
@@ -187,6 +198,12 @@ impl Engine {
                 .iter()
                 .map(|d| u64::from(d.load(Ordering::Relaxed)))
                 .sum(),
+            router_paced: c.router_paced.load(Ordering::Relaxed),
+            limited_routers: self
+                .shared
+                .routers
+                .as_ref()
+                .map_or(0, |r| r.limited_routers() as u64),
         }
     }
 
@@ -227,12 +244,13 @@ impl Engine {
                 Step::Probe { send, wake } => (send, wake),
             };
             if !send.is_empty() {
-                shared.pace(send.len()).await;
-                for id in send {
-                    let (tx, bytes) = shared.send_probe(&flow, id, &mut packet)?;
-                    size = bytes;
-                    trace.sent(id, tx);
-                }
+                let batch = send.into_iter().map(|id| (id, flow, id)).collect();
+                shared
+                    .send_batch(batch, &mut packet, |id, tx, bytes| {
+                        size = bytes;
+                        trace.sent(id, tx);
+                    })
+                    .await?;
                 continue;
             }
             let open = registration
@@ -310,13 +328,16 @@ impl Engine {
                     by_port.insert(flow.sport, u16::try_from(flows.len()).unwrap_or(u16::MAX));
                     flows.push(flow);
                 }
-                shared.pace(send.len()).await;
-                for p in send {
-                    let (tx, bytes) =
-                        shared.send_probe(&flows[usize::from(p.flow)], p.id, &mut packet)?;
-                    size = bytes;
-                    trace.sent(p, tx);
-                }
+                let batch = send
+                    .into_iter()
+                    .map(|p| (p, flows[usize::from(p.flow)], p.id))
+                    .collect();
+                shared
+                    .send_batch(batch, &mut packet, |p, tx, bytes| {
+                        size = bytes;
+                        trace.sent(p, tx);
+                    })
+                    .await?;
                 continue;
             }
             let open = registration
@@ -443,8 +464,10 @@ impl<'a> Registration<'a> {
         tokio::select! {
             arrival = self.replies.recv() => {
                 let Some(arrival) = arrival else { return false };
+                self.shared.learn(&arrival.reply);
                 take(arrival);
                 while let Ok(arrival) = self.replies.try_recv() {
+                    self.shared.learn(&arrival.reply);
                     take(arrival);
                 }
             }
@@ -472,6 +495,54 @@ impl Shared {
         // tokio's timer ticks in milliseconds: a sleep, even until now, can cost up to one.
         if at > now {
             tokio::time::sleep_until(at.into()).await;
+        }
+    }
+
+    /// Sends a batch of probes, each `(tag, flow, id)`, after the global budget allows it,
+    /// each one no earlier than its router's pacing allows (a retry is the sign a router is
+    /// limited); calls `sent(tag, when, IP length)` as each leaves.
+    async fn send_batch<T: Copy>(
+        &self,
+        batch: Vec<(T, Flow, ProbeId)>,
+        packet: &mut Vec<u8>,
+        mut sent: impl FnMut(T, Instant, u16),
+    ) -> Result<(), EngineError> {
+        self.pace(batch.len()).await;
+        let now = Instant::now();
+        let mut slots: Vec<(Instant, T, Flow, ProbeId)> = batch
+            .into_iter()
+            .map(|(tag, flow, id)| {
+                let at = self.routers.as_ref().map_or(now, |routers| {
+                    if id.attempt > 0 {
+                        routers.silent(flow.dst, id.ttl, now);
+                    }
+                    routers.reserve(flow.dst, id.ttl, now, id.attempt > 0)
+                });
+                (at, tag, flow, id)
+            })
+            .collect();
+        slots.sort_by_key(|&(at, ..)| at);
+        for (at, tag, flow, id) in slots {
+            if at > now {
+                self.counters.router_paced.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let (tx, bytes) = self.send_probe(&flow, id, packet)?;
+            sent(tag, tx, bytes);
+        }
+        Ok(())
+    }
+
+    /// Teaches the router pacing who answered an ICMP error (echo replies and TCP answers are
+    /// not rate limited).
+    fn learn(&self, reply: &super::Reply) {
+        if let Some(routers) = &self.routers
+            && matches!(
+                reply.kind,
+                super::Kind::TimeExceeded | super::Kind::Unreachable { .. }
+            )
+        {
+            routers.learn(reply.flow_dst, reply.id.ttl, reply.from);
         }
     }
 

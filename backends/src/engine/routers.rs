@@ -1,0 +1,296 @@
+//! Pacing per router, so routers at Linux's default ICMP rate limits still answer.
+//!
+//! A Linux router sends one peer a burst of 6 ICMP errors, then one per `icmp_ratelimit`
+//! (1 s on IPv4) or `net.ipv6.icmp.ratelimit` (100 ms on IPv6); many traces crossing it at
+//! once get 6 answers and silence. The engine does not slow every router down for that (most
+//! do not limit, and the throughput lab turns the limits off); it paces a router once it shows
+//! the limit:
+//!
+//! - every reply teaches which router answers at which TTL towards a destination prefix (/24 on
+//!   IPv4, /64 on IPv6, so new destinations of a known network find their routers);
+//! - a probe retried at a TTL where a router is known counts as that router's silence;
+//! - from its first silence on, *retries* to the router are spaced by its family's interval,
+//!   one at a time in the order they were asked for (a GCRA per router with no burst, since
+//!   the router's own burst is spent by the time it shows), so each finds a token in the
+//!   router's bucket; retries are few on a healthy network, so this costs little;
+//! - three silences within [`RouterLimits::hold`] (so one lost packet does not slow a router
+//!   down) mark the router *limited*: then first probes are spaced the same way, until `hold`
+//!   passes without a silence.
+//!
+//! Everything else goes out at once. The arithmetic takes `now` as an argument, so it is tested
+//! without a clock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How limited routers are paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterLimits {
+    /// Gap between probes to a limited IPv4 router (Linux `net.ipv4.icmp_ratelimit`: 1 s).
+    pub interval_v4: Duration,
+    /// Gap between probes to a limited IPv6 router (`net.ipv6.icmp.ratelimit`: 100 ms).
+    pub interval_v6: Duration,
+    /// How long a router stays limited after it last showed the limit.
+    pub hold: Duration,
+}
+
+impl Default for RouterLimits {
+    fn default() -> Self {
+        Self {
+            interval_v4: Duration::from_secs(1),
+            interval_v6: Duration::from_millis(100),
+            hold: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Entries of the TTL map before it is cleared and relearned (a few MB at most).
+const MAX_HINTS: usize = 65_536;
+/// Silences within `hold` that show a router's limit.
+const SILENCES: u32 = 3;
+
+/// A router that went silent recently.
+#[derive(Debug, Clone, Copy)]
+struct Silent {
+    /// Silences since `since`.
+    count: u32,
+    since: Instant,
+    /// When its next paced probe may go.
+    next: Instant,
+    /// When it is forgotten, unless it goes silent again.
+    until: Instant,
+}
+
+impl Silent {
+    fn limited(&self) -> bool {
+        self.count >= SILENCES
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// (destination prefix, TTL) → the router that answered there last.
+    hints: HashMap<(IpAddr, u8), IpAddr>,
+    silent: HashMap<IpAddr, Silent>,
+}
+
+/// The engine-wide per-router pacing (see the module docs).
+#[derive(Debug)]
+pub struct RouterPacing {
+    limits: RouterLimits,
+    state: Mutex<State>,
+    /// Routers silent recently (read without the lock on the send path).
+    tracked: AtomicUsize,
+    /// Of those, the limited ones.
+    limited: AtomicUsize,
+}
+
+impl RouterPacing {
+    /// Pacing with `limits`.
+    pub fn new(limits: RouterLimits) -> Self {
+        Self {
+            limits,
+            state: Mutex::new(State::default()),
+            tracked: AtomicUsize::new(0),
+            limited: AtomicUsize::new(0),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `router` answered a probe to `dst` sent with `ttl`.
+    pub fn learn(&self, dst: IpAddr, ttl: u8, router: IpAddr) {
+        let mut state = self.state();
+        if state.hints.len() >= MAX_HINTS {
+            state.hints.clear();
+        }
+        state.hints.insert((prefix(dst), ttl), router);
+    }
+
+    /// A probe to `dst` at `ttl` went unanswered: a silence of the router known there.
+    pub fn silent(&self, dst: IpAddr, ttl: u8, now: Instant) {
+        let mut state = self.state();
+        let Some(&router) = state.hints.get(&(prefix(dst), ttl)) else {
+            return;
+        };
+        if state.silent.len() >= MAX_HINTS {
+            state.silent.clear();
+        }
+        let hold = self.limits.hold;
+        let entry = state.silent.entry(router).or_insert(Silent {
+            count: 0,
+            since: now,
+            next: now,
+            until: now,
+        });
+        if now.saturating_duration_since(entry.since) > hold {
+            (entry.count, entry.since) = (0, now);
+        }
+        entry.count += 1;
+        entry.until = now + hold;
+        self.count(&state);
+    }
+
+    /// When a probe to `dst` at `ttl` may be sent (`now` or later); reserves its slot. A
+    /// `retry` is paced from the router's first silence, a first probe once it is limited.
+    pub fn reserve(&self, dst: IpAddr, ttl: u8, now: Instant, retry: bool) -> Instant {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return now;
+        }
+        let mut state = self.state();
+        let before = state.silent.len();
+        state.silent.retain(|_, s| s.until > now);
+        if state.silent.len() != before {
+            self.count(&state);
+        }
+        let Some(&router) = state.hints.get(&(prefix(dst), ttl)) else {
+            return now;
+        };
+        let interval = self.interval(router);
+        let Some(silent) = state.silent.get_mut(&router) else {
+            return now;
+        };
+        if !(retry || silent.limited()) {
+            return now;
+        }
+        let at = silent.next.max(now);
+        silent.next = at + interval;
+        at
+    }
+
+    fn count(&self, state: &State) {
+        self.tracked.store(state.silent.len(), Ordering::Relaxed);
+        let limited = state.silent.values().filter(|s| s.limited()).count();
+        self.limited.store(limited, Ordering::Relaxed);
+    }
+
+    fn interval(&self, router: IpAddr) -> Duration {
+        match router {
+            IpAddr::V4(_) => self.limits.interval_v4,
+            IpAddr::V6(_) => self.limits.interval_v6,
+        }
+    }
+
+    /// Routers limited now.
+    pub fn limited_routers(&self) -> usize {
+        self.limited.load(Ordering::Relaxed)
+    }
+}
+
+/// The destination's network: /24 on IPv4, /64 on IPv6.
+fn prefix(dst: IpAddr) -> IpAddr {
+    match dst {
+        IpAddr::V4(a) => {
+            let [a, b, c, _] = a.octets();
+            IpAddr::from([a, b, c, 0])
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn nothing_waits_until_a_router_shows_its_limit() {
+        let pacing = RouterPacing::new(RouterLimits::default());
+        let now = Instant::now();
+        pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
+        for _ in 0..100 {
+            assert_eq!(pacing.reserve(ip("10.77.100.9"), 1, now, false), now);
+        }
+        // Silence where no router is known teaches nothing.
+        pacing.silent(ip("10.77.100.5"), 2, now);
+        assert_eq!(pacing.limited_routers(), 0);
+    }
+
+    #[test]
+    fn a_limited_router_gets_one_probe_per_interval_for_the_whole_prefix() {
+        let limits = RouterLimits::default();
+        let pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
+        pacing.learn(ip("10.77.100.5"), 2, ip("10.77.2.2"));
+        // One or two silences may be loss; the third shows the limit.
+        pacing.silent(ip("10.77.100.7"), 1, now);
+        pacing.silent(ip("10.77.100.8"), 1, now);
+        assert_eq!(pacing.limited_routers(), 0);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, now, false), now);
+        pacing.silent(ip("10.77.100.9"), 1, now);
+        assert_eq!(pacing.limited_routers(), 1);
+        // Any destination of the /24, at the limited router's TTL: one per second, in order.
+        let slots: Vec<Instant> = (1..=5u8)
+            .map(|n| pacing.reserve(ip(&format!("10.77.100.{n}")), 1, now, false))
+            .collect();
+        let expect: Vec<Instant> = (0..5u32).map(|i| now + limits.interval_v4 * i).collect();
+        assert_eq!(slots, expect);
+        // Other TTLs, other networks: at once.
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 2, now, false), now);
+        assert_eq!(pacing.reserve(ip("10.78.100.1"), 1, now, false), now);
+        // A slot in the past is not kept: the schedule restarts from now.
+        let later = now + Duration::from_secs(30);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, later, false), later);
+        // After the hold without new silence, the router is no longer paced.
+        let free = now + limits.hold + Duration::from_secs(1);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, free, false), free);
+        assert_eq!(pacing.limited_routers(), 0);
+    }
+
+    #[test]
+    fn retries_are_paced_from_the_first_silence_first_probes_only_once_limited() {
+        let limits = RouterLimits::default();
+        let pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
+        pacing.silent(ip("10.77.100.5"), 1, now);
+        assert_eq!(pacing.limited_routers(), 0);
+        let dst = ip("10.77.100.6");
+        let retries: Vec<Instant> = (0..3).map(|_| pacing.reserve(dst, 1, now, true)).collect();
+        let step = limits.interval_v4;
+        assert_eq!(retries, [now, now + step, now + step * 2]);
+        assert_eq!(pacing.reserve(dst, 1, now, false), now);
+    }
+
+    #[test]
+    fn silences_spread_wider_than_the_hold_are_loss() {
+        let limits = RouterLimits::default();
+        let pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
+        for i in 0..10u32 {
+            pacing.silent(
+                ip("10.77.100.5"),
+                1,
+                now + (limits.hold / 2 + Duration::from_secs(1)) * i,
+            );
+        }
+        assert_eq!(pacing.limited_routers(), 0);
+    }
+
+    #[test]
+    fn ipv6_routers_are_paced_at_their_own_interval() {
+        let limits = RouterLimits::default();
+        let pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        pacing.learn(ip("fd77:100::5"), 3, ip("fd77:3::2"));
+        for _ in 0..3 {
+            pacing.silent(ip("fd77:100::9"), 3, now);
+        }
+        let first = pacing.reserve(ip("fd77:100::1"), 3, now, false);
+        let second = pacing.reserve(ip("fd77:100::2"), 3, now, false);
+        assert_eq!((first, second), (now, now + limits.interval_v6));
+    }
+}
