@@ -168,13 +168,13 @@ impl ParisTrace {
     }
 
     /// Takes a reply matched to this trace's flow; false (and counted) when it is not one the
-    /// trace is waiting for: an attempt not sent, or a second answer to the same probe.
+    /// trace is waiting for: an attempt not sent, or a second answer to the same probe (from
+    /// any address).
     pub fn on_reply(&mut self, reply: Reply, rx: Instant) -> bool {
         let ttl = reply.id.ttl;
-        let duplicate = self
-            .answers
-            .iter()
-            .any(|a| a.reply.id == reply.id && a.reply.from == reply.from);
+        // One probe gets one answer: a second one, from anyone, is a duplicate (or a forgery
+        // that got past the tag).
+        let duplicate = self.answers.iter().any(|a| a.reply.id == reply.id);
         let tx = self.slot_mut(ttl).and_then(|slot| {
             let tx = (reply.id.attempt < slot.sent)
                 .then(|| {

@@ -154,6 +154,10 @@ fn a_late_answer_to_a_first_attempt_still_counts() {
         "a duplicate is rejected"
     );
     assert!(
+        !trace.on_reply(reply(1, 0, router(9), Kind::TimeExceeded), late),
+        "a second answer to the same probe from elsewhere is rejected"
+    );
+    assert!(
         !trace.on_reply(reply(1, 3, router(1), Kind::TimeExceeded), late),
         "an attempt never sent is rejected"
     );
@@ -161,7 +165,7 @@ fn a_late_answer_to_a_first_attempt_still_counts() {
         !trace.on_reply(reply(40, 0, router(1), Kind::TimeExceeded), late),
         "a TTL never sent is rejected"
     );
-    assert_eq!(trace.rejected(), 3);
+    assert_eq!(trace.rejected(), 4);
     let answers = trace.answers();
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].tx, now, "RTT measured from the attempt answered");
