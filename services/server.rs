@@ -11,7 +11,7 @@ use std::{
 use axum::{Router, routing::get};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tower::ServiceBuilder;
 
 use crate::{
@@ -318,12 +318,18 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(api)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                    // Subscriptions never end on their own: end them so the server's
-                    // graceful shutdown can finish.
-                    hub.close();
-                }),
+                // Nagle off: with it, every small response waited for the client's delayed
+                // ACK (about 40 ms per on-demand trace; tonic's own `tcp_nodelay` does not
+                // apply to an incoming stream it is handed).
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+                    async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                        // Subscriptions never end on their own: end them so the server's
+                        // graceful shutdown can finish.
+                        hub.close();
+                    },
+                ),
         )
     };
     tracing::info!(%grpc_addr, %admin_addr, backend = pipeline.backend(), output = %store.root().display(), "hoptrace serving");
