@@ -399,6 +399,8 @@ struct Registration<'a> {
     keys: Vec<FlowKey>,
     sender: mpsc::Sender<Arrival>,
     replies: mpsc::Receiver<Arrival>,
+    /// Wakes the trace when nothing arrives (see [`Registration::replies`]).
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<'a> Registration<'a> {
@@ -412,6 +414,7 @@ impl<'a> Registration<'a> {
             keys: Vec::new(),
             sender,
             replies,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         }
     }
 
@@ -461,6 +464,22 @@ impl<'a> Registration<'a> {
     /// Waits until `wake` or the next replies, handing every reply queued to `take`; false if
     /// the queue closed (never while the trace is registered).
     async fn replies(&mut self, wake: Instant, mut take: impl FnMut(Arrival)) -> bool {
+        // Replies already queued need no timer.
+        let mut queued = false;
+        while let Ok(arrival) = self.replies.try_recv() {
+            self.shared.learn(&arrival.reply);
+            take(arrival);
+            queued = true;
+        }
+        if queued {
+            return true;
+        }
+        // One timer per trace, moved only when the wake-up moves (registering a new one in
+        // tokio's wheel for every wait was a tenth of the engine's CPU).
+        let wake = tokio::time::Instant::from_std(wake);
+        if self.timer.deadline() != wake {
+            self.timer.as_mut().reset(wake);
+        }
         tokio::select! {
             arrival = self.replies.recv() => {
                 let Some(arrival) = arrival else { return false };
@@ -471,7 +490,7 @@ impl<'a> Registration<'a> {
                     take(arrival);
                 }
             }
-            () = tokio::time::sleep_until(wake.into()) => {}
+            () = &mut self.timer => {}
         }
         true
     }
