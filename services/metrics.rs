@@ -430,4 +430,33 @@ mod tests {
         }
         assert_eq!(m.outcome("refused"), 1);
     }
+
+    #[test]
+    fn engine_counters_grow_by_the_difference_and_the_gauge_follows() {
+        use hoptrace_backends::engine::EngineStats;
+        let (m, r) = Metrics::new(&[], &[], &[], &[]);
+        let before = EngineStats {
+            probes_sent: 10,
+            router_paced: 4,
+            limited_routers: 2,
+            ..EngineStats::default()
+        };
+        let now = EngineStats {
+            probes_sent: 15,
+            strays: 3,
+            router_paced: 9,
+            limited_routers: 1,
+            ..before
+        };
+        m.engine.add(&before, &now);
+        let text = render(&r);
+        for want in [
+            "hoptrace_engine_probes_total{outcome=\"sent\"} 5",
+            "hoptrace_engine_packets_total{outcome=\"stray\"} 3",
+            "hoptrace_engine_router_paced_total 5",
+            "hoptrace_engine_limited_routers 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
 }
