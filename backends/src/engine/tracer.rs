@@ -19,7 +19,9 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::dispatch::{Arrival, Delivery, FlowKey, FlowTable, MDA_QUEUE, TRACE_QUEUE};
-use super::json::{Clock, TraceLine, TracelbLine, probe_size, trace_output, tracelb_output};
+use super::json::{
+    Clock, HostName, TraceLine, TracelbLine, probe_size, trace_output, tracelb_output,
+};
 use super::mda::{FlowIx, MdaConfig, MdaTrace, Step as MdaStep};
 use super::pacer::Pacer;
 use super::paris::{ParisConfig, ParisTrace, Step};
@@ -109,7 +111,8 @@ struct Shared {
     routers: Option<RouterPacing>,
     counters: Counters,
     stop: AtomicBool,
-    hostname: String,
+    /// This host's name, escaped for the cycle lines.
+    hostname: HostName,
     next_port: AtomicU32,
     running: AtomicUsize,
     /// The next trace's salt (see the module docs of `engine`).
@@ -142,6 +145,7 @@ impl Engine {
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".to_owned());
+        let hostname = HostName::new(&hostname);
         let shared = Arc::new(Shared {
             sockets,
             key: ProbeKey::random(),

@@ -83,7 +83,7 @@ fn method(probe: Probe) -> &'static str {
 pub fn trace_output(
     line: &TraceLine<'_>,
     clock: &Clock,
-    hostname: &str,
+    hostname: &HostName,
     stop: Instant,
 ) -> TraceOutput {
     let mut hops = HopTable::default();
@@ -104,28 +104,43 @@ pub fn trace_output(
 fn trace_lines(
     line: &TraceLine<'_>,
     clock: &Clock,
-    hostname: &str,
+    hostname: &HostName,
     stop: Instant,
     hops: &mut HopTable,
 ) -> String {
-    cycle_lines(clock, hostname, line.start, stop, |out, start| {
+    // About 420 bytes per hop: sized once, so the text is never copied to grow.
+    let capacity = 640 + 420 * line.answers.len();
+    cycle_lines(clock, hostname, line.start, stop, capacity, |out, start| {
         write_trace(out, line, clock, start, hops);
     })
+}
+
+/// This host's name as a JSON string literal, escaped once per engine (a host name can hold
+/// anything the administrator typed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostName(String);
+
+impl HostName {
+    /// `name`, escaped for JSON.
+    pub fn new(name: &str) -> Self {
+        Self(serde_json::Value::from(name).to_string())
+    }
 }
 
 /// `cycle-start`, the measurement `body` writes (given the start as seconds and
 /// microseconds), `cycle-stop`: three newline-terminated lines.
 fn cycle_lines(
     clock: &Clock,
-    hostname: &str,
+    hostname: &HostName,
     start: Instant,
     stop: Instant,
+    capacity: usize,
     body: impl FnOnce(&mut String, (u64, u32)),
 ) -> String {
     let (start_sec, start_usec) = clock.wall(start);
     let (stop_sec, _) = clock.wall(stop);
-    let host = json_string(hostname);
-    let mut out = String::with_capacity(2048);
+    let host = &hostname.0;
+    let mut out = String::with_capacity(capacity);
     // Writing to a String cannot fail.
     let _ = writeln!(
         out,
@@ -140,10 +155,34 @@ fn cycle_lines(
     out
 }
 
-/// An answer's round-trip time as scamper prints it: milliseconds with three decimals.
-fn rtt_ms(answer: &Answer) -> String {
-    let rtt = answer.rx.saturating_duration_since(answer.tx);
-    format!("{:.3}", rtt.as_secs_f64() * 1000.0)
+/// An answer's round-trip time in whole microseconds, as scamper measures it (from `timeval`s),
+/// printed as milliseconds with three decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rtt {
+    micros: u64,
+}
+
+impl Rtt {
+    fn of(answer: &Answer) -> Self {
+        let nanos = answer.rx.saturating_duration_since(answer.tx).as_nanos();
+        // Rounded to the nearest microsecond.
+        let micros = (nanos + 500) / 1000;
+        Self {
+            micros: u64::try_from(micros).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Milliseconds: the number a reader of the printed value gets (both are the double
+    /// nearest to micros / 1000).
+    fn ms(self) -> f64 {
+        self.micros as f64 / 1000.0
+    }
+}
+
+impl std::fmt::Display for Rtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:03}", self.micros / 1000, self.micros % 1000)
+    }
 }
 
 fn write_trace(
@@ -209,7 +248,7 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         quoted_len,
         quoted_tos,
     } = reply.packet;
-    let rtt = rtt_ms(answer);
+    let rtt = Rtt::of(answer);
     let _ = write!(
         out,
         r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{rtt}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
@@ -231,13 +270,7 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         let _ = write!(out, r#", "tcp_flags":{flags}"#);
     }
     out.push('}');
-    // The same number a reader of the line gets.
-    rtt.parse().unwrap_or(0.0)
-}
-
-/// `s` as a JSON string literal (a host name can hold anything the administrator typed).
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    rtt.ms()
 }
 
 /// The IP length of a probe whose encoded bytes are `encoded` (IPv6 probes are encoded without

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Clock, TraceLine, TracelbLine, trace_output, tracelb_output};
+use super::{Clock, HostName, TraceLine, TracelbLine, trace_output, tracelb_output};
 use crate::TraceOutput;
 use crate::engine::mda::{Confidence, FlowIx, MdaConfig, MdaTrace};
 use crate::engine::paris::{Answer, StopReason};
@@ -99,7 +99,7 @@ fn flow(probe: Probe, v4: bool) -> Flow {
 
 /// The output for `line`, after checking its summary is what reading its lines back gives.
 fn output(line: &TraceLine<'_>, hostname: &str, stop: Instant) -> TraceOutput {
-    let out = trace_output(line, &Clock::now(), hostname, stop);
+    let out = trace_output(line, &Clock::now(), &HostName::new(hostname), stop);
     let read_back = scamper_json::summarize(out.lines.as_bytes()).expect("summarize");
     assert_eq!(out.summary, read_back, "{}", out.lines);
     out
@@ -313,8 +313,14 @@ fn lab_tracelb(v4: bool, probe: Probe, salt: u32) -> (TraceOutput, MdaTrace, Flo
         probe_size: if v4 { 44 } else { 60 },
         gap_limit: 3,
     };
-    let out = tracelb_output(&line, &trace, &Clock::now(), "vm", Instant::now())
-        .expect("our tracelb line reads back");
+    let out = tracelb_output(
+        &line,
+        &trace,
+        &Clock::now(),
+        &HostName::new("vm"),
+        Instant::now(),
+    )
+    .expect("our tracelb line reads back");
     (out, trace, flow)
 }
 
@@ -415,8 +421,14 @@ fn a_branch_lost_to_the_gap_limit_is_written_as_stars() {
         probe_size: 44,
         gap_limit: 2,
     };
-    let out =
-        tracelb_output(&line, &trace, &Clock::now(), "vm", Instant::now()).expect("read back");
+    let out = tracelb_output(
+        &line,
+        &trace,
+        &Clock::now(),
+        &HostName::new("vm"),
+        Instant::now(),
+    )
+    .expect("read back");
     assert!(
         out.lines.contains(
             r#"{"addr":"10.77.1.2", "q_ttl":1, "linkc":1, "links":[[{"addr":"*"}],[{"addr":"*"}]]}"#
@@ -424,4 +436,34 @@ fn a_branch_lost_to_the_gap_limit_is_written_as_stars() {
         "{}",
         out.lines
     );
+}
+
+#[test]
+fn rtts_print_as_scamper_and_read_back_to_the_same_number() {
+    use super::Rtt;
+    for (micros, text) in [
+        (0, "0.000"),
+        (41, "0.041"),
+        (1_000, "1.000"),
+        (1_234_567, "1234.567"),
+    ] {
+        let rtt = Rtt { micros };
+        assert_eq!(rtt.to_string(), text);
+    }
+    for micros in (0..200_000u64).step_by(7) {
+        let rtt = Rtt { micros };
+        assert_eq!(
+            rtt.to_string().parse::<f64>().ok(),
+            Some(rtt.ms()),
+            "{micros}"
+        );
+    }
+    // Rounded to the nearest microsecond, as scamper's timevals are.
+    let start = Instant::now();
+    let flow = flow(Probe::Udp, true);
+    let mut answer = answers(&flow, start)[0];
+    answer.rx = answer.tx + Duration::from_nanos(40_500);
+    assert_eq!(Rtt::of(&answer).micros, 41);
+    answer.rx = answer.tx + Duration::from_nanos(40_499);
+    assert_eq!(Rtt::of(&answer).micros, 40);
 }

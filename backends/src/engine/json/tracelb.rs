@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::{Clock, cycle_lines, rtt_ms};
+use super::{Clock, HostName, Rtt, cycle_lines};
 use crate::engine::mda::{FlowIx, Link, MdaTrace};
 use crate::engine::paris::Answer;
 use crate::engine::{Flow, Kind};
@@ -44,10 +44,11 @@ pub fn tracelb_output(
     line: &TracelbLine<'_>,
     trace: &MdaTrace,
     clock: &Clock,
-    hostname: &str,
+    hostname: &HostName,
     stop: Instant,
 ) -> Result<TraceOutput, ScamperJsonError> {
-    let text = cycle_lines(clock, hostname, line.start, stop, |out, start| {
+    let capacity = 1024 + 340 * usize::try_from(trace.probes_sent()).unwrap_or(0);
+    let text = cycle_lines(clock, hostname, line.start, stop, capacity, |out, start| {
         write_tracelb(out, line, trace, clock, start);
     });
     TraceOutput::from_lines(text.into_bytes())
@@ -187,7 +188,7 @@ fn write_probe(out: &mut String, answer: &Answer, flow_id: u16, clock: &Clock) {
     let reply = &answer.reply;
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
     let (rx_sec, rx_usec) = clock.wall(answer.rx);
-    let rtt = rtt_ms(answer);
+    let rtt = Rtt::of(answer);
     let _ = write!(
         out,
         r#"{{"tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "replyc":1, "ttl":{}, "attempt":{}, "flowid":{flow_id}, "replies":[{{"rx":{{"sec":{rx_sec}, "usec":{rx_usec}}}, "ttl":{}, "rtt":{rtt}"#,
