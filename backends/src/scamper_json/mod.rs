@@ -47,7 +47,7 @@
 //! for `linkc == 1`, with `None` for `"*"`, deduplicated (so two silent chains share one
 //! `None → None` link).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use serde_json::{Map, Value};
@@ -514,27 +514,32 @@ fn read_element(
 /// builds its summary from its own answers, so both backends group replies the same way.
 #[derive(Default)]
 pub(crate) struct HopTable {
-    /// (order of first appearance, hop).
+    /// (order of first appearance, hop). Searched linearly: a trace has tens of hops, and two
+    /// hash tables per trace cost more than the scans (the engine builds one per trace).
     hops: Vec<(usize, Hop)>,
-    index: HashMap<(u8, IpAddr), usize>,
-    addrs: HashSet<IpAddr>,
 }
 
 impl HopTable {
     fn entry(&mut self, order: usize, ttl: u8, addr: IpAddr, kind: ReplyKind) -> &mut Hop {
-        let slot = *self.index.entry((ttl, addr)).or_insert_with(|| {
-            self.hops.push((
-                order,
-                Hop {
-                    ttl,
-                    addr,
-                    rtts_ms: Vec::new(),
-                    kind,
-                },
-            ));
-            self.hops.len() - 1
-        });
-        self.addrs.insert(addr);
+        let slot = match self
+            .hops
+            .iter()
+            .position(|(_, h)| h.ttl == ttl && h.addr == addr)
+        {
+            Some(slot) => slot,
+            None => {
+                self.hops.push((
+                    order,
+                    Hop {
+                        ttl,
+                        addr,
+                        rtts_ms: Vec::new(),
+                        kind,
+                    },
+                ));
+                self.hops.len() - 1
+            }
+        };
         &mut self.hops[slot].1
     }
 
@@ -549,7 +554,7 @@ impl HopTable {
     }
 
     fn has_addr(&self, addr: IpAddr) -> bool {
-        self.addrs.contains(&addr)
+        self.hops.iter().any(|(_, h)| h.addr == addr)
     }
 
     pub(crate) fn finish(mut self) -> Vec<Hop> {
