@@ -270,6 +270,32 @@ async fn multipath_finds_the_whole_diamond() {
             "{dst} {probe:?}: whole diamond in {whole}/{runs}"
         );
     }
+    // ICMP echo flows (the echo identifier varies): whatever the routers' hashing makes of
+    // them, every link found is the lab's and the destination is reached.
+    for (dst, truth) in [
+        (lab.dst_v4(9), lab.hops_v4()),
+        (lab.dst_v6(9), lab.hops_v6()),
+    ] {
+        let expect = diamond_links(&truth, dst);
+        let request = TraceRequest {
+            method: Method::Mda(Probe::Icmp),
+            source_port: Some(50_000),
+            ..request(dst, Probe::Icmp)
+        };
+        let out = engine.trace(&request).await.expect("engine ICMP MDA trace");
+        let found: BTreeSet<_> = out.summary.links.iter().map(|l| (l.from, l.to)).collect();
+        assert!(found.is_subset(&expect), "{}", out.lines);
+        assert!(
+            found.iter().any(|(_, to)| *to == Some(dst)),
+            "destination not reached: {}",
+            out.lines
+        );
+        assert!(
+            out.lines.contains(r#""method":"icmp-echo""#),
+            "{}",
+            out.lines
+        );
+    }
     // 99% confidence: more probes for the same flows.
     let dst = lab.dst_v4(9);
     let count = |confidence| {
