@@ -118,3 +118,53 @@ impl FlowTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Kind, ProbeId, ReplyPacket};
+
+    fn reply(ttl: u8) -> Reply {
+        let dst: IpAddr = "10.77.100.5".parse().expect("addr");
+        Reply {
+            from: dst,
+            kind: Kind::TimeExceeded,
+            flow_dst: dst,
+            sport: 40000,
+            dport: 33435,
+            probe: Probe::Udp,
+            id: ProbeId { ttl, attempt: 0 },
+            reply_ttl: 60,
+            quoted_ttl: Some(1),
+            packet: ReplyPacket::default(),
+        }
+    }
+
+    #[test]
+    fn a_trace_queue_holds_its_capacity_then_overflows_and_a_gone_trace_is_late() {
+        let table = FlowTable::default();
+        let key = FlowKey::of(&reply(1));
+        let (tx, mut rx) = FlowTable::queue(2);
+        assert!(table.insert(key, &tx, 7));
+        assert!(
+            !table.insert(key, &tx, 8),
+            "a running flow is not taken twice"
+        );
+        assert_eq!(table.salt(&key), Some(7));
+        let now = Instant::now();
+        assert_eq!(table.deliver(reply(1), now), Delivery::Delivered);
+        assert_eq!(table.deliver(reply(2), now), Delivery::Delivered);
+        assert_eq!(table.deliver(reply(3), now), Delivery::Overflow);
+        // Taking one makes room for one.
+        assert_eq!(rx.try_recv().ok().map(|a| a.reply.id.ttl), Some(1));
+        assert_eq!(table.deliver(reply(4), now), Delivery::Delivered);
+        assert_eq!(rx.try_recv().ok().map(|a| a.reply.id.ttl), Some(2));
+        assert_eq!(rx.try_recv().ok().map(|a| a.reply.id.ttl), Some(4));
+        assert!(rx.try_recv().is_err());
+        drop(rx);
+        assert_eq!(table.deliver(reply(5), now), Delivery::NoFlow);
+        table.unregister(&key);
+        assert_eq!(table.salt(&key), None);
+        assert_eq!(table.deliver(reply(6), now), Delivery::NoFlow);
+    }
+}
