@@ -11,6 +11,8 @@
 //! inside the lab's client namespace (checked before the first probe), and the lab is removed
 //! by `Lab`'s `Drop` on every exit path (this binary never calls `process::exit`).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/common/lab.rs"]
 mod lab;
 #[path = "../tests/common/requests.rs"]
@@ -26,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{env_count, load_average, median};
 use hoptrace_backends::engine::{
     Engine, EngineOptions, Flow, Listener, ProbeId, ProbeKey, ProbeSockets, Reader, encode,
 };
@@ -248,18 +251,6 @@ fn main() {
         .expect("tokio runtime");
     let samples = measure(&lab, &runtime, traces, rounds);
     println!("{}", report(&lab, (traces, rounds), &load_before, &samples));
-}
-
-/// A positive count from the environment, `default` when unset; panics on a bad value (before
-/// the lab exists).
-fn env_count(name: &str, default: usize, max: usize) -> usize {
-    let Ok(text) = std::env::var(name) else {
-        return default;
-    };
-    match text.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => n,
-        _ => panic!("{name}={text:?}: expected a whole number from 1 to {max}"),
-    }
 }
 
 /// Runs every system `rounds` times, rotating the order each round so no system always runs
@@ -840,17 +831,6 @@ fn clock_tick() -> Duration {
 // ---------------------------------------------------------------------------------------------
 // The report.
 
-/// Median of `values` (mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
 /// Median, minimum and maximum of `metric` over the samples.
 fn spread(samples: &[Sample], metric: impl Fn(&Sample) -> f64) -> (f64, f64, f64) {
     let values: Vec<f64> = samples.iter().map(metric).collect();
@@ -888,33 +868,17 @@ fn summarize(samples: &[Sample]) -> Summary {
         probes_per_trace: median(
             samples
                 .iter()
-                .map(|s| s.outcome.probes as f64 / s.outcome.completed.max(1) as f64)
-                .collect(),
+                .map(|s| s.outcome.probes as f64 / s.outcome.completed.max(1) as f64),
         ),
-        scamper_user: median(
-            samples
-                .iter()
-                .map(|s| s.per_trace(s.scamper.user))
-                .collect(),
-        ),
-        scamper_system: median(
-            samples
-                .iter()
-                .map(|s| s.per_trace(s.scamper.system))
-                .collect(),
-        ),
+        scamper_user: median(samples.iter().map(|s| s.per_trace(s.scamper.user))),
+        scamper_system: median(samples.iter().map(|s| s.per_trace(s.scamper.system))),
         own_user: own(|c| c.user),
         own_system: own(|c| c.system),
         total: spread(samples, |s| {
             let cpu = s.total_cpu();
             s.per_trace(cpu.user + cpu.system)
         }),
-        total_user: median(
-            samples
-                .iter()
-                .map(|s| s.per_trace(s.total_cpu().user))
-                .collect(),
-        ),
+        total_user: median(samples.iter().map(|s| s.per_trace(s.total_cpu().user))),
         raw_drops: samples.iter().map(|s| s.raw_drops).sum(),
         failures: samples.iter().map(|s| s.outcome.failures).sum(),
     }
@@ -949,14 +913,6 @@ fn report(
     out.push('\n');
     out.push_str(&ratios(&summaries));
     out
-}
-
-/// The 1-minute load average.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// CPU count, kernel and scamper version.

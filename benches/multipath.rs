@@ -14,6 +14,8 @@
 //! through a guard script that refuses to start it anywhere else. The lab is removed by `Lab`'s
 //! `Drop` on every exit path (this binary never calls `process::exit`).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/common/lab.rs"]
 mod lab;
 
@@ -28,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use common::{env_count, load_average, median};
 use hoptrace_backends::engine::{Engine, EngineOptions};
 use hoptrace_backends::{
     Limits, Method, NetNs, Probe, ScamperOptions, ScamperProcess, TraceOutput, TraceRequest,
@@ -263,18 +266,6 @@ fn main() {
         command(&mda_request(lab.dst_v4(1))),
     );
     println!("{header}\n{}", report(&batches));
-}
-
-/// A count from the environment, `default` when unset; panics on a bad value (before the lab
-/// exists).
-fn env_count(name: &str, default: usize, max: usize) -> usize {
-    std::env::var(name).map_or(default, |text| {
-        text.trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .unwrap_or_else(|| panic!("{name}={text:?}: expected a whole number from 1 to {max}"))
-    })
 }
 
 /// Every family and system, `rounds` times: in even rounds the scamper batches go first, in
@@ -591,18 +582,6 @@ fn describe(system: System, batch: &Batch) -> String {
 // ---------------------------------------------------------------------------------------------
 // The report.
 
-/// The median (the mean of the middle two for an even count); NaN for none.
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut sorted: Vec<f64> = values.into_iter().collect();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
 /// The median of `metric` over every trace of every round, and the lowest and highest of the
 /// rounds' own medians.
 fn pooled(batches: &[Batch], metric: impl Fn(&Traced) -> f64) -> (f64, f64, f64) {
@@ -758,15 +737,6 @@ fn ratios(summaries: &HashMap<System, Summary>, scamper_probes: f64) -> String {
         );
     }
     out
-}
-
-/// The 1-minute load average.
-fn load_average() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .next()
-        .unwrap_or("unknown")
-        .to_owned()
 }
 
 /// CPU count, kernel and scamper version (`scamper -v` sends nothing, but runs in the lab

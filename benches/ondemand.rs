@@ -29,6 +29,8 @@
 //! (checked to refuse here first). Every trace has a time limit, every loop a count. The lab
 //! is removed by `Lab`'s `Drop` on every exit path (this binary never calls `process::exit`).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/common/lab.rs"]
 mod lab;
 // The harness's in-process server; this bench uses `start` and `TestServer` only.
@@ -48,6 +50,7 @@ use std::{
 };
 
 use clap::Parser;
+use common::{env_count, load_average};
 use hoptrace::{
     cli::{Cli, Command as CliCommand},
     conn_id::ConnectionIds,
@@ -395,18 +398,6 @@ impl Bench {
     }
 }
 
-/// A count from the environment, `default` when unset; panics on a bad value (before the lab
-/// exists).
-fn env_count(name: &str, default: usize, max: usize) -> usize {
-    std::env::var(name).map_or(default, |text| {
-        text.trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .unwrap_or_else(|| panic!("{name}={text:?}: expected a whole number from 1 to {max}"))
-    })
-}
-
 /// A scamper wrapper that refuses (exit 99) to run outside the lab's client namespace, checked
 /// to refuse here, in this process's own namespace, before it is used; with the median time it
 /// took to refuse (a shell's start and one test: what it adds to each scamper process).
@@ -536,14 +527,6 @@ fn report(samples: &Samples) -> String {
         );
     }
     out
-}
-
-fn load_average() -> String {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split_whitespace()
-        .next()
-        .unwrap_or("unknown")
-        .to_owned()
 }
 
 /// CPU count, kernel, the scamper package's version (from dpkg: nothing is run in the lab).
