@@ -122,22 +122,12 @@ impl FlowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Kind, ProbeId, ReplyPacket};
+    use crate::engine::tests::{LAB_DST, udp_reply};
+    use crate::engine::{Kind, ProbeId};
 
     fn reply(ttl: u8) -> Reply {
-        let dst: IpAddr = "10.77.100.5".parse().expect("addr");
-        Reply {
-            from: dst,
-            kind: Kind::TimeExceeded,
-            flow_dst: dst,
-            sport: 40000,
-            dport: 33435,
-            probe: Probe::Udp,
-            id: ProbeId { ttl, attempt: 0 },
-            reply_ttl: 60,
-            quoted_ttl: Some(1),
-            packet: ReplyPacket::default(),
-        }
+        let id = ProbeId { ttl, attempt: 0 };
+        udp_reply(id, LAB_DST, Kind::TimeExceeded)
     }
 
     #[test]

@@ -61,7 +61,7 @@ mod probe;
 mod routers;
 mod socket;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod tracer;
 
 use std::net::IpAddr;

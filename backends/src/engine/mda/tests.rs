@@ -4,10 +4,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use super::{Confidence, FlowIx, MdaConfig, MdaProbe, MdaTrace, Step, probes_to_rule_out};
-use crate::Probe;
-use crate::engine::{Kind, ProbeId, Reply, ReplyPacket};
+use crate::engine::tests::{LAB_DST, udp_reply};
+use crate::engine::{Kind, ProbeId, Reply};
 
-const DST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 100, 5));
+const DST: IpAddr = LAB_DST;
 const WAIT: Duration = Duration::from_secs(1);
 
 fn config(confidence: Confidence) -> MdaConfig {
@@ -26,18 +26,7 @@ fn ip(a: u8, b: u8) -> IpAddr {
 }
 
 fn reply(id: ProbeId, from: IpAddr, kind: Kind) -> Reply {
-    Reply {
-        from,
-        kind,
-        flow_dst: DST,
-        sport: 40000,
-        dport: 33435,
-        probe: Probe::Udp,
-        id,
-        reply_ttl: 64 - id.ttl,
-        quoted_ttl: Some(1),
-        packet: ReplyPacket::default(),
-    }
+    udp_reply(id, from, kind)
 }
 
 /// A well-mixed branch choice for `flow` at a load balancer seeded with `salt`, as an L4 hash

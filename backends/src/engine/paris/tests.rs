@@ -2,10 +2,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use super::{ParisConfig, ParisTrace, Step, StopReason};
-use crate::Probe;
-use crate::engine::{Kind, ProbeId, Reply, ReplyPacket};
+use crate::engine::tests::{LAB_DST, udp_reply};
+use crate::engine::{Kind, ProbeId, Reply};
 
-const DST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 100, 5));
+const DST: IpAddr = LAB_DST;
 const WAIT: Duration = Duration::from_secs(2);
 
 fn config(max_ttl: u8) -> ParisConfig {
@@ -22,18 +22,7 @@ fn router(ttl: u8) -> IpAddr {
 }
 
 fn reply(ttl: u8, attempt: u8, from: IpAddr, kind: Kind) -> Reply {
-    Reply {
-        from,
-        kind,
-        flow_dst: DST,
-        sport: 40000,
-        dport: 33435,
-        probe: Probe::Udp,
-        id: ProbeId { ttl, attempt },
-        reply_ttl: 64 - ttl,
-        quoted_ttl: Some(1),
-        packet: ReplyPacket::default(),
-    }
+    udp_reply(ProbeId { ttl, attempt }, from, kind)
 }
 
 /// What a path of `routers` hops then the destination answers to probe `id`, if anything:

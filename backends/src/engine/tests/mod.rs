@@ -13,6 +13,26 @@ use etherparse::{
 use super::key::siphash24;
 use super::*;
 
+/// The lab destination the state-machine tests trace (10.77.100.5).
+pub(crate) const LAB_DST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 100, 5));
+
+/// A reply from `from` to probe `id` of a UDP flow to [`LAB_DST`] (source port 40000, the
+/// default destination port), as the state-machine tests feed them.
+pub(crate) fn udp_reply(id: ProbeId, from: IpAddr, kind: Kind) -> Reply {
+    Reply {
+        from,
+        kind,
+        flow_dst: LAB_DST,
+        sport: 40000,
+        dport: 33435,
+        probe: Probe::Udp,
+        id,
+        reply_ttl: 64 - id.ttl,
+        quoted_ttl: Some(1),
+        packet: ReplyPacket::default(),
+    }
+}
+
 const SRC4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const DST4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
