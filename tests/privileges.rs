@@ -103,8 +103,21 @@ impl Served {
         }
         paths
             .into_iter()
-            .map(|path| {
-                let text = std::fs::read_to_string(&path).expect("status");
+            .enumerate()
+            .filter_map(|(i, path)| {
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    // A thread (tokio's blocking pool) that exited since the
+                    // listing holds no capability any more; the process must not.
+                    Err(e)
+                        if i > 0
+                            && (e.kind() == std::io::ErrorKind::NotFound
+                                || e.raw_os_error() == Some(nix::libc::ESRCH)) =>
+                    {
+                        return None;
+                    }
+                    Err(e) => panic!("{path}: {e}"),
+                };
                 let fields = text
                     .lines()
                     .filter_map(|l| l.split_once(':'))
@@ -114,7 +127,7 @@ impl Served {
                         (k.to_owned(), v)
                     })
                     .collect();
-                (path, fields)
+                Some((path, fields))
             })
             .collect()
     }
