@@ -53,7 +53,7 @@ pub struct EngineMetrics {
     /// Probes by outcome: `sent`, `lost` (the kernel's send queue was full).
     pub probes: Family<OutcomeLabel, Counter>,
     /// Packets read by outcome: `reply` (to a running trace), `stray` (not an authentic reply
-    /// to our probes), `late` (for a flow no trace runs), `overflow` (its trace's queue full).
+    /// to our probes), `late` (for a flow no trace runs).
     pub packets: Family<OutcomeLabel, Counter>,
     /// Packets the kernel dropped on the engine's receive sockets (`SO_RXQ_OVFL`).
     pub kernel_drops: Counter,
@@ -80,7 +80,6 @@ impl EngineMetrics {
         inc(&self.packets, "reply", before.replies, now.replies);
         inc(&self.packets, "stray", before.strays, now.strays);
         inc(&self.packets, "late", before.late, now.late);
-        inc(&self.packets, "overflow", before.overflow, now.overflow);
         self.kernel_drops
             .inc_by(now.kernel_drops.saturating_sub(before.kernel_drops));
         self.router_paced
@@ -179,7 +178,7 @@ impl Metrics {
                 .probes
                 .get_or_create(&OutcomeLabel { outcome });
         }
-        for outcome in ["reply", "stray", "late", "overflow"] {
+        for outcome in ["reply", "stray", "late"] {
             let _ = metrics
                 .engine
                 .packets

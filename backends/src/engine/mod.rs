@@ -5,7 +5,8 @@
 //! keyed tag ([`ProbeKey`], SipHash-2-4) computed over (destination, protocol, ports, TTL,
 //! attempt) rejects forged, corrupted or replayed replies. Encoding and decoding are pure byte
 //! work; [`ProbeSockets`] (raw sockets opened inside a checked network namespace) send and
-//! receive them, and [`Engine`] runs every trace over one set of sockets (see `tracer.rs`).
+//! receive them, and [`Engine`] runs every trace over one set of sockets on one prober thread
+//! (see `tracer.rs` and `prober.rs`).
 //!
 //! # Paris rule
 //!
@@ -45,7 +46,7 @@
 //! echo reply came to, and the key is per engine instance anyway.
 //!
 //! The trace salt is a number the engine gives each trace, kept in the flow table beside the
-//! trace's queue: the decoder looks up the salt of the flow a reply quotes before checking the
+//! trace's slot: the decoder looks up the salt of the flow a reply quotes before checking the
 //! tag ([`Keys`]). So a genuine reply captured during one trace and replayed during a later
 //! trace of the same flow (same destination and ports) fails the tag check, and a reply for a
 //! flow no trace runs is counted without being authenticated.
@@ -58,6 +59,7 @@ pub mod mda;
 mod pacer;
 pub mod paris;
 mod probe;
+mod prober;
 mod routers;
 mod socket;
 #[cfg(test)]

@@ -9,8 +9,9 @@
 //! | IPv6 raw ICMPv6 | echo probes (kernel checksum) | ICMPv6 errors and echo replies |
 //! | IPv6 raw TCP | SYN probes | RST / SYN-ACK (same filter) |
 //!
-//! Receive sockets get a large `SO_RCVBUF`, are read in batches (`recvmmsg`) with a short read
-//! timeout so their thread can notice shutdown, and report the kernel's own count of packets
+//! Receive sockets get a large `SO_RCVBUF`, are read in batches (`recvmmsg`), either when the
+//! engine's event loop sees them readable ([`Reader::read_ready`]) or blocking for a short
+//! timeout ([`Reader::read`], for a thread of its own), and report the kernel's own count of packets
 //! dropped for want of buffer space (`SO_RXQ_OVFL`). Send sockets are non-blocking: a full send
 //! queue is a lost probe (counted), never a stalled trace.
 //!
@@ -42,8 +43,7 @@ use crate::{NetNs, Probe};
 /// Receive buffer asked for on each receive socket (the kernel caps it at `net.core.rmem_max`
 /// unless the process may override that, which root can).
 pub const RECV_BUFFER: usize = 8 << 20;
-/// Read timeout of the receive sockets: the longest a receive thread blocks before it checks
-/// for shutdown.
+/// Read timeout of the receive sockets: the longest [`Reader::read`] blocks.
 pub const RECV_POLL: Duration = Duration::from_millis(20);
 /// Packets read per `recvmmsg`.
 pub const RECV_BATCH: usize = 64;
@@ -127,7 +127,7 @@ pub fn ensure_thread_in(ns: &NetNs) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Which receive socket a packet came from; each has its own thread.
+/// Which receive socket a packet came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
     /// IPv4 ICMP (IP header included).
@@ -349,7 +349,8 @@ impl ProbeSockets {
         }
     }
 
-    fn listener(&self, which: Listener) -> &Socket {
+    /// The receive socket `which`.
+    pub fn listener(&self, which: Listener) -> &Socket {
         match which {
             Listener::IcmpV4 => &self.icmp_v4,
             Listener::TcpV4 => &self.tcp_v4,
@@ -391,6 +392,24 @@ impl Reader {
     pub fn read(
         &mut self,
         sockets: &ProbeSockets,
+        each: impl FnMut(Packet<'_>),
+    ) -> Result<usize, EngineError> {
+        self.read_with(sockets, MsgFlags::MSG_WAITFORONE, each)
+    }
+
+    /// Like [`read`](Self::read), but returns 0 at once when no packet is queued.
+    pub fn read_ready(
+        &mut self,
+        sockets: &ProbeSockets,
+        each: impl FnMut(Packet<'_>),
+    ) -> Result<usize, EngineError> {
+        self.read_with(sockets, MsgFlags::MSG_DONTWAIT, each)
+    }
+
+    fn read_with(
+        &mut self,
+        sockets: &ProbeSockets,
+        flags: MsgFlags,
         mut each: impl FnMut(Packet<'_>),
     ) -> Result<usize, EngineError> {
         let fd = sockets.listener(self.which).as_raw_fd();
@@ -399,13 +418,7 @@ impl Reader {
             .iter_mut()
             .map(|b| [IoSliceMut::new(b)])
             .collect();
-        let results = match recvmmsg(
-            fd,
-            &mut self.headers,
-            iovs.iter_mut(),
-            MsgFlags::MSG_WAITFORONE,
-            None,
-        ) {
+        let results = match recvmmsg(fd, &mut self.headers, iovs.iter_mut(), flags, None) {
             Ok(results) => results,
             Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
             Err(e) => {

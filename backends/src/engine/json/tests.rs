@@ -105,10 +105,9 @@ fn output(line: &TraceLine<'_>, hostname: &str, stop: Instant) -> TraceOutput {
     out
 }
 
-fn lines(flow: &Flow) -> String {
-    let start = Instant::now();
-    let answers = answers(flow, start);
-    let line = TraceLine {
+/// The line of a completed 5-hop trace of `flow` with `answers`.
+fn completed<'a>(flow: &'a Flow, start: Instant, answers: &'a [Answer]) -> TraceLine<'a> {
+    TraceLine {
         flow,
         icmp_sum: 48683,
         stop: StopReason::Completed,
@@ -118,9 +117,54 @@ fn lines(flow: &Flow) -> String {
         wait: Duration::from_secs(5),
         probe_size: 44,
         probe_count: 5,
-        answers: &answers,
-    };
+        answers,
+    }
+}
+
+fn lines(flow: &Flow) -> String {
+    let start = Instant::now();
+    let answers = answers(flow, start);
+    let line = completed(flow, start, &answers);
     output(&line, "vm", start + Duration::from_millis(9)).lines
+}
+
+/// The lines of [`lines`]'s trace at a fixed wall clock.
+fn fixed_lines(flow: &Flow) -> String {
+    let start = Instant::now();
+    let clock = Clock {
+        wall: std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+        mono: start,
+    };
+    let answers = answers(flow, start);
+    let line = completed(flow, start, &answers);
+    let stop = start + Duration::from_millis(9);
+    trace_output(&line, &clock, &HostName::new("vm \"lab\""), stop).lines
+}
+
+/// Every byte of one trace per family and transport at a fixed clock, against files the writer
+/// wrote once its keys, order and units were checked against scamper's (the tests above): a
+/// change to the writer shows here byte by byte. `HOPTRACE_BLESS=1` rewrites the files.
+#[test]
+fn a_fixed_trace_prints_the_same_bytes() {
+    for (probe, v4, name) in [
+        (Probe::Udp, true, "udp4"),
+        (Probe::Icmp, true, "icmp4"),
+        (Probe::Tcp, true, "tcp4"),
+        (Probe::Udp, false, "udp6"),
+        (Probe::Icmp, false, "icmp6"),
+        (Probe::Tcp, false, "tcp6"),
+    ] {
+        let text = fixed_lines(&flow(probe, v4));
+        let path = format!(
+            "{}/tests/fixtures/engine/trace-{name}.jsonl",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        if std::env::var_os("HOPTRACE_BLESS").is_some() {
+            std::fs::write(&path, &text).expect("bless");
+        }
+        let expected = std::fs::read_to_string(&path).expect("fixture");
+        assert_eq!(text, expected, "{name}");
+    }
 }
 
 /// Every key path in a JSON value, in document order (arrays contribute their first element,
