@@ -6,7 +6,6 @@
 //! Units as scamper: `rtt` in milliseconds with three decimals, `tx` and `start` as seconds and
 //! microseconds, `wait` in seconds, `probe_id` counting attempts from 1.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -141,17 +140,16 @@ fn cycle_lines(
     let (stop_sec, _) = clock.wall(stop);
     let host = &hostname.0;
     let mut out = String::with_capacity(capacity);
-    // Writing to a String cannot fail.
-    let _ = writeln!(
-        out,
-        r#"{{"type":"cycle-start", "list_name":"default", "id":0, "hostname":{host}, "start_time":{start_sec}}}"#
-    );
+    out.raw(r#"{"type":"cycle-start", "list_name":"default", "id":0, "hostname":"#)
+        .raw(host)
+        .field("start_time", start_sec)
+        .raw("}\n");
     body(&mut out, (start_sec, start_usec));
-    out.push('\n');
-    let _ = writeln!(
-        out,
-        r#"{{"type":"cycle-stop", "list_name":"default", "id":0, "hostname":{host}, "stop_time":{stop_sec}}}"#
-    );
+    out.raw("\n")
+        .raw(r#"{"type":"cycle-stop", "list_name":"default", "id":0, "hostname":"#)
+        .raw(host)
+        .field("stop_time", stop_sec)
+        .raw("}\n");
     out
 }
 
@@ -179,12 +177,6 @@ impl Rtt {
     }
 }
 
-impl std::fmt::Display for Rtt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{:03}", self.micros / 1000, self.micros % 1000)
-    }
-}
-
 fn write_trace(
     out: &mut String,
     line: &TraceLine<'_>,
@@ -193,33 +185,36 @@ fn write_trace(
     hops: &mut HopTable,
 ) {
     let flow = line.flow;
-    let _ = write!(
-        out,
-        r#"{{"type":"trace","version":"0.1", "userid":0, "method":"{}", "src":"{}", "dst":"{}", "#,
-        method(flow.probe),
-        flow.src,
-        flow.dst
-    );
+    out.raw(r#"{"type":"trace","version":"0.1", "userid":0, "method":""#)
+        .raw(method(flow.probe))
+        .raw(r#"", "src":""#)
+        .addr(flow.src)
+        .raw(r#"", "dst":""#)
+        .addr(flow.dst)
+        .raw("\"");
     match flow.probe {
-        Probe::Icmp => {
-            let _ = write!(out, r#""icmp_sum":{}, "#, line.icmp_sum);
-        }
-        Probe::Udp | Probe::Tcp => {
-            let _ = write!(out, r#""sport":{}, "dport":{}, "#, flow.sport, flow.dport);
-        }
-    }
+        Probe::Icmp => out.field("icmp_sum", line.icmp_sum),
+        Probe::Udp | Probe::Tcp => out.field("sport", flow.sport).field("dport", flow.dport),
+    };
     let ftime = crate::civil::ftime(i64::try_from(sec).unwrap_or(i64::MAX));
     let wait = line.wait.as_secs() + u64::from(line.wait.subsec_nanos() > 0);
-    let _ = write!(
-        out,
-        r#""stop_reason":"{}", "stop_data":{}, "start":{{"sec":{sec}, "usec":{usec}, "ftime":"{ftime}"}}, "hop_count":{}, "attempts":{}, "hoplimit":0, "firsthop":1, "wait":{wait}, "wait_probe":0, "tos":0, "probe_size":{}, "probe_count":{}"#,
-        line.stop.name(),
-        line.stop.data(),
-        line.hop_count,
-        line.attempts,
-        line.probe_size,
-        line.probe_count,
-    );
+    out.raw(r#", "stop_reason":""#)
+        .raw(line.stop.name())
+        .raw("\"")
+        .field("stop_data", line.stop.data())
+        .raw(r#", "start":{"sec":"#)
+        .num(sec)
+        .field("usec", usec)
+        .raw(r#", "ftime":""#)
+        .raw(&ftime)
+        .raw("\"}")
+        .field("hop_count", line.hop_count)
+        .field("attempts", line.attempts)
+        .raw(r#", "hoplimit":0, "firsthop":1"#)
+        .field("wait", wait)
+        .raw(r#", "wait_probe":0, "tos":0"#)
+        .field("probe_size", line.probe_size)
+        .field("probe_count", line.probe_count);
     if !line.answers.is_empty() {
         out.push_str(r#", "hops":["#);
         for (i, answer) in line.answers.iter().enumerate() {
@@ -249,25 +244,34 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
         quoted_tos,
     } = reply.packet;
     let rtt = Rtt::of(answer);
-    let _ = write!(
-        out,
-        r#"{{"addr":"{}", "probe_ttl":{}, "probe_id":{}, "probe_size":{probe_size}, "tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "rtt":{rtt}, "reply_ttl":{}, "reply_tos":{tos}, "reply_ipid":{ipid}, "reply_size":{size}"#,
-        reply.from,
-        reply.id.ttl,
-        u16::from(reply.id.attempt) + 1,
-        reply.reply_ttl,
-    );
+    out.raw(r#"{"addr":""#)
+        .addr(reply.from)
+        .raw("\"")
+        .field("probe_ttl", reply.id.ttl)
+        .field("probe_id", u16::from(reply.id.attempt) + 1)
+        .field("probe_size", probe_size)
+        .raw(r#", "tx":{"sec":"#)
+        .num(tx_sec)
+        .field("usec", tx_usec)
+        .raw(r#"}, "rtt":"#)
+        .millis(rtt.micros)
+        .field("reply_ttl", reply.reply_ttl)
+        .field("reply_tos", tos)
+        .field("reply_ipid", ipid)
+        .field("reply_size", size);
     if let Some((icmp_type, icmp_code)) = icmp {
-        let _ = write!(out, r#", "icmp_type":{icmp_type}, "icmp_code":{icmp_code}"#);
+        out.field("icmp_type", icmp_type)
+            .field("icmp_code", icmp_code);
         if let Some(q_ttl) = reply.quoted_ttl {
-            let _ = write!(out, r#", "icmp_q_ttl":{q_ttl}, "icmp_q_ipl":{quoted_len}"#);
+            out.field("icmp_q_ttl", q_ttl)
+                .field("icmp_q_ipl", quoted_len);
             if reply.from.is_ipv4() {
-                let _ = write!(out, r#", "icmp_q_tos":{quoted_tos}"#);
+                out.field("icmp_q_tos", quoted_tos);
             }
         }
     }
     if let Some(flags) = tcp_flags {
-        let _ = write!(out, r#", "tcp_flags":{flags}"#);
+        out.field("tcp_flags", flags);
     }
     out.push('}');
     rtt.ms()
@@ -285,6 +289,9 @@ pub fn probe_size(dst: IpAddr, encoded: usize) -> u16 {
 
 #[cfg(test)]
 mod tests;
+mod text;
 mod tracelb;
+
+use text::Append;
 
 pub use tracelb::{TracelbLine, tracelb_output};

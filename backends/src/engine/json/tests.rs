@@ -131,14 +131,22 @@ fn lines(flow: &Flow) -> String {
 /// The lines of [`lines`]'s trace at a fixed wall clock.
 fn fixed_lines(flow: &Flow) -> String {
     let start = Instant::now();
-    let clock = Clock {
-        wall: std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
-        mono: start,
-    };
+    let clock = fixed_clock(start);
     let answers = answers(flow, start);
     let line = completed(flow, start, &answers);
     let stop = start + Duration::from_millis(9);
     trace_output(&line, &clock, &HostName::new("vm \"lab\""), stop).lines
+}
+
+/// Every byte of the simulated diamond's `tracelb` lines at a fixed clock, as
+/// [`a_fixed_trace_prints_the_same_bytes`] does for `trace`.
+#[test]
+fn a_fixed_tracelb_prints_the_same_bytes() {
+    for (probe, v4, name) in [(Probe::Udp, true, "udp4"), (Probe::Tcp, false, "tcp6")] {
+        let start = Instant::now();
+        let (out, ..) = lab_tracelb_at(v4, probe, 3, &fixed_clock(start), start);
+        same_as_fixture(&out.lines, &format!("tracelb-{name}"));
+    }
 }
 
 /// Every byte of one trace per family and transport at a fixed clock, against files the writer
@@ -154,17 +162,29 @@ fn a_fixed_trace_prints_the_same_bytes() {
         (Probe::Icmp, false, "icmp6"),
         (Probe::Tcp, false, "tcp6"),
     ] {
-        let text = fixed_lines(&flow(probe, v4));
-        let path = format!(
-            "{}/tests/fixtures/engine/trace-{name}.jsonl",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        if std::env::var_os("HOPTRACE_BLESS").is_some() {
-            std::fs::write(&path, &text).expect("bless");
-        }
-        let expected = std::fs::read_to_string(&path).expect("fixture");
-        assert_eq!(text, expected, "{name}");
+        same_as_fixture(&fixed_lines(&flow(probe, v4)), &format!("trace-{name}"));
     }
+}
+
+/// A wall clock fixed at 2023-11-14 22:13:20.123456 UTC for the instant `start`.
+fn fixed_clock(start: Instant) -> Clock {
+    Clock {
+        wall: std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+        mono: start,
+    }
+}
+
+/// Compares `text` with `tests/fixtures/engine/NAME.jsonl` (`HOPTRACE_BLESS=1` rewrites it).
+fn same_as_fixture(text: &str, name: &str) {
+    let path = format!(
+        "{}/tests/fixtures/engine/{name}.jsonl",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    if std::env::var_os("HOPTRACE_BLESS").is_some() {
+        std::fs::write(&path, text).expect("bless");
+    }
+    let expected = std::fs::read_to_string(&path).expect("fixture");
+    assert_eq!(text, expected, "{name}");
 }
 
 /// Every key path in a JSON value, in document order (arrays contribute their first element,
@@ -292,6 +312,18 @@ fn an_unanswered_trace_has_no_hops_key_and_a_quoted_hostname() {
 /// A multipath trace over the lab's diamond (r1, r2, r3a | r3b, r4 by the in-interface, the
 /// destination), answered with the ICMP types and header fields the lab's routers send.
 fn lab_tracelb(v4: bool, probe: Probe, salt: u32) -> (TraceOutput, MdaTrace, Flow) {
+    let start = Instant::now();
+    lab_tracelb_at(v4, probe, salt, &Clock::now(), start)
+}
+
+/// [`lab_tracelb`] with the trace's simulated time from `start`, written with `clock`.
+fn lab_tracelb_at(
+    v4: bool,
+    probe: Probe,
+    salt: u32,
+    clock: &Clock,
+    start: Instant,
+) -> (TraceOutput, MdaTrace, Flow) {
     let flow = flow(probe, v4);
     let node = |n: u8| -> IpAddr {
         if v4 {
@@ -347,8 +379,7 @@ fn lab_tracelb(v4: bool, probe: Probe, salt: u32) -> (TraceOutput, MdaTrace, Flo
         gap_limit: 3,
         max_probes: 3000,
     });
-    let start = Instant::now();
-    crate::engine::mda::tests::run(&mut trace, respond);
+    let (_, took) = crate::engine::mda::tests::run_from(&mut trace, start, respond);
     let flow_ids: Vec<u16> = (0..trace.flows()).map(|f| 40000 + f).collect();
     let line = TracelbLine {
         flow: &flow,
@@ -357,14 +388,8 @@ fn lab_tracelb(v4: bool, probe: Probe, salt: u32) -> (TraceOutput, MdaTrace, Flo
         probe_size: if v4 { 44 } else { 60 },
         gap_limit: 3,
     };
-    let out = tracelb_output(
-        &line,
-        &trace,
-        &Clock::now(),
-        &HostName::new("vm"),
-        Instant::now(),
-    )
-    .expect("our tracelb line reads back");
+    let out = tracelb_output(&line, &trace, clock, &HostName::new("vm"), start + took)
+        .expect("our tracelb line reads back");
     (out, trace, flow)
 }
 
@@ -485,6 +510,8 @@ fn a_branch_lost_to_the_gap_limit_is_written_as_stars() {
 #[test]
 fn rtts_print_as_scamper_and_read_back_to_the_same_number() {
     use super::Rtt;
+    use super::text::Append;
+    let printed = |rtt: Rtt| String::new().millis(rtt.micros).clone();
     for (micros, text) in [
         (0, "0.000"),
         (41, "0.041"),
@@ -492,15 +519,11 @@ fn rtts_print_as_scamper_and_read_back_to_the_same_number() {
         (1_234_567, "1234.567"),
     ] {
         let rtt = Rtt { micros };
-        assert_eq!(rtt.to_string(), text);
+        assert_eq!(printed(rtt), text);
     }
     for micros in (0..200_000u64).step_by(7) {
         let rtt = Rtt { micros };
-        assert_eq!(
-            rtt.to_string().parse::<f64>().ok(),
-            Some(rtt.ms()),
-            "{micros}"
-        );
+        assert_eq!(printed(rtt).parse::<f64>().ok(), Some(rtt.ms()), "{micros}");
     }
     // Rounded to the nearest microsecond, as scamper's timevals are.
     let start = Instant::now();

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use super::text::Append;
 use super::{Clock, HostName, Rtt, cycle_lines};
 use crate::engine::mda::{FlowIx, Link, MdaTrace};
 use crate::engine::paris::Answer;
@@ -189,28 +190,35 @@ fn write_probe(out: &mut String, answer: &Answer, flow_id: u16, clock: &Clock) {
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
     let (rx_sec, rx_usec) = clock.wall(answer.rx);
     let rtt = Rtt::of(answer);
-    let _ = write!(
-        out,
-        r#"{{"tx":{{"sec":{tx_sec}, "usec":{tx_usec}}}, "replyc":1, "ttl":{}, "attempt":{}, "flowid":{flow_id}, "replies":[{{"rx":{{"sec":{rx_sec}, "usec":{rx_usec}}}, "ttl":{}, "rtt":{rtt}"#,
-        reply.id.ttl, reply.id.attempt, reply.reply_ttl,
-    );
+    out.raw(r#"{"tx":{"sec":"#)
+        .num(tx_sec)
+        .field("usec", tx_usec)
+        .raw(r#"}, "replyc":1"#)
+        .field("ttl", reply.id.ttl)
+        .field("attempt", reply.id.attempt)
+        .field("flowid", flow_id)
+        .raw(r#", "replies":[{"rx":{"sec":"#)
+        .num(rx_sec)
+        .field("usec", rx_usec)
+        .raw("}")
+        .field("ttl", reply.reply_ttl)
+        .raw(r#", "rtt":"#)
+        .millis(rtt.micros);
     let packet = &reply.packet;
     if reply.from.is_ipv4() {
-        let _ = write!(out, r#", "ipid":{}"#, packet.ipid);
+        out.field("ipid", packet.ipid);
     }
     match (packet.tcp_flags, packet.icmp) {
         (Some(flags), _) => {
-            let _ = write!(out, r#", "tcp_flags":{flags}"#);
+            out.field("tcp_flags", flags);
         }
         (None, icmp) => {
             let (icmp_type, icmp_code) = icmp.unwrap_or_default();
-            let _ = write!(
-                out,
-                r#", "icmp_type":{icmp_type}, "icmp_code":{icmp_code}, "icmp_q_tos":{}"#,
-                packet.quoted_tos
-            );
+            out.field("icmp_type", icmp_type)
+                .field("icmp_code", icmp_code)
+                .field("icmp_q_tos", packet.quoted_tos);
             if matches!(reply.kind, Kind::TimeExceeded | Kind::Unreachable { .. }) {
-                let _ = write!(out, r#", "icmp_q_ttl":{}"#, reply.quoted_ttl.unwrap_or(0));
+                out.field("icmp_q_ttl", reply.quoted_ttl.unwrap_or(0));
             }
         }
     }

@@ -61,7 +61,15 @@ pub(crate) fn run(
     trace: &mut MdaTrace,
     respond: impl Fn(FlowIx, ProbeId) -> Option<Reply>,
 ) -> (Vec<MdaProbe>, Duration) {
-    let start = Instant::now();
+    run_from(trace, Instant::now(), respond)
+}
+
+/// [`run`] with simulated time starting at `start`.
+pub(crate) fn run_from(
+    trace: &mut MdaTrace,
+    start: Instant,
+    respond: impl Fn(FlowIx, ProbeId) -> Option<Reply>,
+) -> (Vec<MdaProbe>, Duration) {
     let mut now = start;
     let mut sent = Vec::new();
     for _ in 0..10_000 {
