@@ -39,8 +39,8 @@ use hoptrace_backends::{
 use lab::{Lab, ns_id_of_pid};
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::sys::time::TimeVal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::{sync::Semaphore, task::JoinSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::task::JoinSet;
 
 /// Destinations 10.77.100.1 to .200, used round-robin.
 const DESTINATIONS: usize = 200;
@@ -670,32 +670,31 @@ impl Returned {
 }
 
 /// Traces every destination through `tracer`, at most `concurrency` at once (`None`: all at
-/// once, left to the backend), within [`SAMPLE_LIMIT`].
+/// once, left to the backend), within [`SAMPLE_LIMIT`]. With a bound, that many worker tasks
+/// each take the next destination until none is left, so the driver adds no task, semaphore
+/// or wake-up of its own per trace to the CPU it measures.
 async fn run_traces(
     tracer: Arc<dyn Tracer>,
     dsts: &[IpAddr],
     concurrency: Option<usize>,
 ) -> Returned {
-    let limit = concurrency.map(|n| Arc::new(Semaphore::new(n)));
     let started = tokio::time::Instant::now();
+    let dsts: Arc<[IpAddr]> = dsts.into();
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = concurrency.unwrap_or(dsts.len()).min(dsts.len());
     let mut set = JoinSet::new();
-    for &dst in dsts {
-        let tracer = Arc::clone(&tracer);
-        let limit = limit.clone();
+    for _ in 0..workers {
+        let (tracer, dsts, next) = (Arc::clone(&tracer), Arc::clone(&dsts), Arc::clone(&next));
         set.spawn(async move {
-            let _permit = match &limit {
-                Some(limit) => Some(
-                    limit
-                        .acquire()
-                        .await
-                        .expect("the semaphore is never closed"),
-                ),
-                None => None,
-            };
-            match tracer.trace(&paris_request(dst)).await {
-                Ok(output) => Ok((dst, output)),
-                Err(e) => Err(format!("{dst}: {e}")),
+            let mut done = Vec::new();
+            while let Some(&dst) = dsts.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let result = match tracer.trace(&paris_request(dst)).await {
+                    Ok(output) => Ok((dst, output)),
+                    Err(e) => Err(format!("{dst}: {e}")),
+                };
+                done.push((tokio::time::Instant::now(), result));
             }
+            done
         });
     }
     let mut returned = Returned::default();
@@ -703,15 +702,18 @@ async fn run_traces(
     let deadline = started + SAMPLE_LIMIT;
     while !set.is_empty() {
         match tokio::time::timeout_at(deadline, set.join_next()).await {
-            Ok(Some(joined)) => {
-                last = tokio::time::Instant::now();
-                let result = joined.unwrap_or_else(|e| Err(format!("trace task: {e}")));
-                returned.results.push(result);
+            Ok(Some(Ok(done))) => {
+                for (at, result) in done {
+                    last = last.max(at);
+                    returned.results.push(result);
+                }
             }
+            Ok(Some(Err(e))) => returned.results.push(Err(format!("trace task: {e}"))),
             Ok(None) => break,
             Err(_) => {
-                // Dropping the set aborts the rest (the library kills their processes).
-                returned.unfinished = set.len();
+                // Dropping the set aborts the rest (the library kills their processes); a
+                // worker's finished traces are lost with it, and counted as unfinished.
+                returned.unfinished = dsts.len().saturating_sub(returned.results.len());
                 break;
             }
         }

@@ -51,6 +51,9 @@ const CLAIM_RETRY: Duration = Duration::from_millis(1);
 const ROUNDS_PER_TURN: usize = 16;
 /// The longest the prober sleeps with traces running (a bound, not a tick).
 const MAX_SLEEP_MS: u16 = 1000;
+/// Reads of one receive socket per loop turn (each up to [`RECV_BATCH`](super::socket)
+/// packets); the rest waits for the next turn, after the traces had theirs.
+const READS_PER_TURN: usize = 4;
 /// epoll data of the inbox's eventfd; the receive sockets use their index in [`Listener::ALL`].
 const BELL: u64 = u64::MAX;
 
@@ -308,10 +311,14 @@ struct Sender {
 }
 
 impl Sender {
-    /// One turn of trace `r` (slot `ix`) at `now`: sends what is due, claims flows, reserves
-    /// budget, polls the machine, until it has to wait or is over.
-    fn turn(&mut self, r: &mut Running, ix: usize, now: Instant) -> Turn {
-        if r.done.is_closed() {
+    /// One turn of trace `r` (slot `ix`) at `now`, woken by its `timer` or by replies: sends
+    /// what is due, claims flows, reserves budget, polls the machine, until it has to wait or
+    /// is over.
+    fn turn(&mut self, r: &mut Running, ix: usize, now: Instant, timer: bool) -> Turn {
+        // Checked when the trace's own timer wakes it (not on replies, not on a paced send:
+        // the flag's memory is cold by then, and this was a twentieth of the prober's time),
+        // so a trace whose caller left ends by its next wait-for-replies wake-up.
+        if timer && r.pending.is_empty() && r.done.is_closed() {
             return Turn::Gone;
         }
         if now >= r.deadline {
@@ -469,6 +476,8 @@ struct Prober {
     working: Vec<usize>,
     jobs: Vec<Job>,
     next_salt: u32,
+    /// Failed reads so far (logged at the first and every power of two).
+    receive_failures: u32,
 }
 
 /// Starts the prober thread over `shared` (its sockets registered with epoll first, so a
@@ -516,6 +525,7 @@ pub fn spawn(shared: Arc<Shared>, pacer: Pacer) -> Result<JoinHandle<()>, Engine
                 working: Vec::new(),
                 jobs: Vec::new(),
                 next_salt: 0,
+                receive_failures: 0,
             };
             prober.run();
         })
@@ -622,10 +632,11 @@ impl Prober {
     fn run_ready(&mut self) {
         std::mem::swap(&mut self.ready, &mut self.working);
         let mut working = std::mem::take(&mut self.working);
+        let now = Instant::now();
         for &ix in &working {
             if let Some(r) = self.traces.get_mut(ix).and_then(Option::as_mut) {
                 r.ready = false;
-                self.advance(ix);
+                self.advance(ix, now, false);
             }
         }
         working.clear();
@@ -643,18 +654,18 @@ impl Prober {
                 && r.timer == Some(at)
             {
                 r.timer = None;
-                self.advance(ix);
+                self.advance(ix, now, true);
             }
         }
     }
 
-    /// A turn of trace `ix`, then what it decided: a wake-up, or its end.
-    fn advance(&mut self, ix: usize) {
+    /// A turn of trace `ix` at `now` (this loop turn's reading of the clock; sends stamp their
+    /// own), woken by its `timer` or not, then what it decided: a wake-up, or its end.
+    fn advance(&mut self, ix: usize, now: Instant, timer: bool) {
         let Some(r) = self.traces.get_mut(ix).and_then(Option::as_mut) else {
             return;
         };
-        let now = Instant::now();
-        match self.sender.turn(r, ix, now) {
+        match self.sender.turn(r, ix, now, timer) {
             // Due already: the next loop turn, after the sockets are read.
             Turn::Wait(at) if at <= now => {
                 if !r.ready {
@@ -698,10 +709,21 @@ impl Prober {
         let _ = r.done.send(result);
     }
 
-    /// Reads one batch from receive socket `i` and hands each reply to its trace.
+    /// Reads receive socket `i` (a few batches at most, until one comes back short) and hands
+    /// each reply to its trace.
     fn receive(&mut self, i: usize) {
+        for _ in 0..READS_PER_TURN {
+            let asked = self.readers.get(i).map_or(0, Reader::batch);
+            if self.receive_batch(i) < asked {
+                break;
+            }
+        }
+    }
+
+    /// Reads one batch from receive socket `i`; returns how many packets it read.
+    fn receive_batch(&mut self, i: usize) -> usize {
         let Some((&which, reader)) = Listener::ALL.get(i).zip(self.readers.get_mut(i)) else {
-            return;
+            return 0;
         };
         let shared = &self.sender.shared;
         let flows = &self.sender.flows;
@@ -735,10 +757,15 @@ impl Prober {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         });
-        if let Err(e) = read {
-            tracing::warn!(listener = which.name(), error = %e, "engine receive failed");
-        }
         shared.counters.kernel_drops[i].store(reader.kernel_drops(), Ordering::Relaxed);
+        read.unwrap_or_else(|e| {
+            self.receive_failures += 1;
+            let failures = self.receive_failures;
+            if failures == 1 || failures.is_power_of_two() {
+                tracing::warn!(listener = which.name(), error = %e, failures, "engine receive failed");
+            }
+            0
+        })
     }
 }
 

@@ -45,8 +45,10 @@ use crate::{NetNs, Probe};
 pub const RECV_BUFFER: usize = 8 << 20;
 /// Read timeout of the receive sockets: the longest [`Reader::read`] blocks.
 pub const RECV_POLL: Duration = Duration::from_millis(20);
-/// Packets read per `recvmmsg`.
+/// Most packets read per `recvmmsg`.
 pub const RECV_BATCH: usize = 64;
+/// Fewest packets a `recvmmsg` asks for (see [`Reader`]).
+const MIN_BATCH: usize = 8;
 /// Largest packet read; longer ones are truncated (still enough for every header we decode).
 const RECV_LEN: usize = 1280;
 
@@ -360,12 +362,16 @@ impl ProbeSockets {
     }
 }
 
-/// Batched reads from one receive socket, with buffers reused across reads.
+/// Batched reads from one receive socket, with buffers reused across reads. A read asks for
+/// twice what the last one got (between [`MIN_BATCH`] and [`RECV_BATCH`]), so replies arriving
+/// one at a time do not pay for setting up 64 slots each.
 #[derive(Debug)]
 pub struct Reader {
     which: Listener,
-    buffers: Vec<[u8; RECV_LEN]>,
+    buffers: Box<[[u8; RECV_LEN]; RECV_BATCH]>,
     headers: MultiHeaders<SockaddrStorage>,
+    /// Packets the next read asks for.
+    batch: usize,
     /// The kernel's drop count for this socket, as last reported.
     drops: u32,
 }
@@ -376,8 +382,9 @@ impl Reader {
         let cmsg = nix::cmsg_space!(nix::libc::c_int, nix::libc::in6_pktinfo, u32);
         Self {
             which,
-            buffers: vec![[0; RECV_LEN]; RECV_BATCH],
+            buffers: Box::new([[0; RECV_LEN]; RECV_BATCH]),
             headers: MultiHeaders::preallocate(RECV_BATCH, Some(cmsg)),
+            batch: MIN_BATCH,
             drops: 0,
         }
     }
@@ -387,8 +394,8 @@ impl Reader {
         self.drops
     }
 
-    /// Waits up to [`RECV_POLL`] for packets and hands each one read (up to [`RECV_BATCH`])
-    /// to `each`; returns how many were read (0 on timeout).
+    /// Waits up to [`RECV_POLL`] for packets and hands each one read (up to
+    /// [`batch`](Self::batch)) to `each`; returns how many were read (0 on timeout).
     pub fn read(
         &mut self,
         sockets: &ProbeSockets,
@@ -406,6 +413,11 @@ impl Reader {
         self.read_with(sockets, MsgFlags::MSG_DONTWAIT, each)
     }
 
+    /// Packets the next read asks for: a read that gets fewer has emptied the socket.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     fn read_with(
         &mut self,
         sockets: &ProbeSockets,
@@ -413,12 +425,10 @@ impl Reader {
         mut each: impl FnMut(Packet<'_>),
     ) -> Result<usize, EngineError> {
         let fd = sockets.listener(self.which).as_raw_fd();
-        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
-            .buffers
-            .iter_mut()
-            .map(|b| [IoSliceMut::new(b)])
-            .collect();
-        let results = match recvmmsg(fd, &mut self.headers, iovs.iter_mut(), flags, None) {
+        let batch = self.batch;
+        let mut iovs = self.buffers.each_mut().map(|b| [IoSliceMut::new(b)]);
+        let slots = iovs.iter_mut().take(batch);
+        let results = match recvmmsg(fd, &mut self.headers, slots, flags, None) {
             Ok(results) => results,
             Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
             Err(e) => {
@@ -461,6 +471,7 @@ impl Reader {
                 each(packet);
             }
         }
+        self.batch = (count * 2).clamp(MIN_BATCH, RECV_BATCH);
         Ok(count)
     }
 }
