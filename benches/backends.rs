@@ -686,7 +686,7 @@ async fn run_traces(
     for _ in 0..workers {
         let (tracer, dsts, next) = (Arc::clone(&tracer), Arc::clone(&dsts), Arc::clone(&next));
         set.spawn(async move {
-            let mut done = Vec::new();
+            let mut done = Vec::with_capacity(dsts.len() / workers + 1);
             while let Some(&dst) = dsts.get(next.fetch_add(1, Ordering::Relaxed)) {
                 let result = match tracer.trace(&paris_request(dst)).await {
                     Ok(output) => Ok((dst, output)),

@@ -520,6 +520,13 @@ pub(crate) struct HopTable {
 }
 
 impl HopTable {
+    /// A table with room for `hops` hops.
+    pub(crate) fn with_capacity(hops: usize) -> Self {
+        Self {
+            hops: Vec::with_capacity(hops),
+        }
+    }
+
     fn entry(&mut self, order: usize, ttl: u8, addr: IpAddr, kind: ReplyKind) -> &mut Hop {
         let slot = match self
             .hops

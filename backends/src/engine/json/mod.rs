@@ -85,7 +85,7 @@ pub fn trace_output(
     hostname: &HostName,
     stop: Instant,
 ) -> TraceOutput {
-    let mut hops = HopTable::default();
+    let mut hops = HopTable::with_capacity(line.answers.len());
     let lines = trace_lines(line, clock, hostname, stop, &mut hops);
     let summary = TraceSummary {
         kind: TraceKind::SinglePath,
@@ -196,7 +196,6 @@ fn write_trace(
         Probe::Icmp => out.field("icmp_sum", line.icmp_sum),
         Probe::Udp | Probe::Tcp => out.field("sport", flow.sport).field("dport", flow.dport),
     };
-    let ftime = crate::civil::ftime(i64::try_from(sec).unwrap_or(i64::MAX));
     let wait = line.wait.as_secs() + u64::from(line.wait.subsec_nanos() > 0);
     out.raw(r#", "stop_reason":""#)
         .raw(line.stop.name())
@@ -206,7 +205,7 @@ fn write_trace(
         .num(sec)
         .field("usec", usec)
         .raw(r#", "ftime":""#)
-        .raw(&ftime)
+        .ftime(i64::try_from(sec).unwrap_or(i64::MAX))
         .raw("\"}")
         .field("hop_count", line.hop_count)
         .field("attempts", line.attempts)

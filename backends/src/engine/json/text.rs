@@ -18,6 +18,10 @@ pub trait Append {
     fn addr(&mut self, addr: IpAddr) -> &mut Self;
     /// `whole.frac` with `frac` on three digits (a millisecond count with microseconds).
     fn millis(&mut self, micros: u64) -> &mut Self;
+    /// scamper's `ftime` of the Unix time `unix`, as [`crate::civil::ftime`] writes it.
+    fn ftime(&mut self, unix: i64) -> &mut Self;
+    /// `n` on at least two digits.
+    fn two(&mut self, n: i64) -> &mut Self;
 }
 
 impl Append for String {
@@ -49,6 +53,33 @@ impl Append for String {
                 self
             }
         }
+    }
+
+    fn two(&mut self, n: i64) -> &mut Self {
+        if (0..10).contains(&n) {
+            self.push('0');
+        }
+        self.num(n)
+    }
+
+    fn ftime(&mut self, unix: i64) -> &mut Self {
+        let (year, month, day) = crate::civil::civil_from_days(unix.div_euclid(86_400));
+        if !(1000..=9999).contains(&year) {
+            self.push_str(&crate::civil::ftime(unix));
+            return self;
+        }
+        let secs = unix.rem_euclid(86_400);
+        self.num(year)
+            .raw("-")
+            .two(i64::from(month))
+            .raw("-")
+            .two(i64::from(day))
+            .raw(" ")
+            .two(secs / 3600)
+            .raw(":")
+            .two(secs / 60 % 60)
+            .raw(":")
+            .two(secs % 60)
     }
 
     fn millis(&mut self, micros: u64) -> &mut Self {
@@ -93,6 +124,12 @@ mod tests {
         for micros in [0u64, 1, 41, 999, 1000, 1001, 12_345, 1_000_010] {
             let display = format!("{}.{:03}", micros / 1000, micros % 1000);
             assert_eq!(String::new().millis(micros).as_str(), display);
+        }
+        for unix in (-3_000_000_000i64..5_000_000_000).step_by(9_999_991) {
+            assert_eq!(
+                String::new().ftime(unix).as_str(),
+                crate::civil::ftime(unix)
+            );
         }
         assert_eq!(
             String::from("{").raw("\"a\":1").field("b", 2u8).as_str(),

@@ -147,7 +147,8 @@ impl ParisTrace {
             config,
             highest_sent: 0,
             end: None,
-            answers: Vec::new(),
+            // Room for a typical path's answers, so they are not reallocated as they come.
+            answers: Vec::with_capacity(usize::from(config.max_ttl.min(16))),
             rejected: 0,
             stop: None,
         }
