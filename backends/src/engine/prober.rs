@@ -17,6 +17,7 @@
 //! next wake-up of any trace (epoll's millisecond resolution, as tokio's timer), a packet, or a
 //! job. A trace whose caller went away (its future dropped) is dropped at its next turn.
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -746,18 +747,21 @@ impl Prober {
         let flows = &self.sender.flows;
         let traces = &mut self.traces;
         let ready = &mut self.ready;
+        // One reading of the clock per batch, taken when the batch is in: every packet of it
+        // was queued before the read returned.
+        let mut read_at = None;
         let read = reader.read_ready(&shared.sockets, |packet| {
-            let rx = Instant::now();
+            let rx = *read_at.get_or_insert_with(Instant::now);
             let counters = &shared.counters;
             let counter = match decode(shared, flows, which, packet) {
                 // Shaped like ours, for no running trace: late (or another prober's).
                 Err(super::Stray::NoFlow) => &counters.late,
                 Err(_) => &counters.strays,
-                Ok(reply) => {
-                    let running = flows.owner(&FlowKey::of(&reply)).and_then(|owner| {
-                        let r = traces.get_mut(owner.trace)?.as_mut()?;
-                        Some((owner, r))
-                    });
+                Ok((reply, owner)) => {
+                    let running = traces
+                        .get_mut(owner.trace)
+                        .and_then(Option::as_mut)
+                        .map(|r| (owner, r));
                     match running {
                         None => &counters.late,
                         Some((owner, r)) => {
@@ -787,25 +791,27 @@ impl Prober {
 }
 
 /// Decodes `packet` from receive socket `which`, authenticating it with the salt of the trace
-/// running the flow it quotes.
+/// running the flow it quotes; returns the reply and that trace (one flow table lookup).
 fn decode(
     shared: &Shared,
     flows: &FlowTable,
     which: Listener,
     packet: Packet<'_>,
-) -> Result<Reply, super::Stray> {
+) -> Result<(Reply, Owner), super::Stray> {
+    let found = Cell::new(None);
     let salt_of = |dst, probe, sport, dport| {
-        flows
-            .owner(&FlowKey {
-                dst,
-                probe,
-                sport,
-                dport,
-            })
-            .map(|owner| owner.salt)
+        let key = FlowKey {
+            dst,
+            probe,
+            sport,
+            dport,
+        };
+        let owner = flows.owner(&key);
+        found.set(owner.map(|owner| (key, owner)));
+        owner.map(|owner| owner.salt)
     };
     let keys = Keys::new(&shared.key, &salt_of);
-    match (which, packet.from) {
+    let reply = match (which, packet.from) {
         (Listener::IcmpV4 | Listener::TcpV4, _) => decode_v4(packet.bytes, &keys),
         (Listener::IcmpV6, Some(from)) => decode_icmp6(packet.bytes, from, packet.hop_limit, &keys),
         (Listener::TcpV6, Some(from)) => match packet.to {
@@ -813,7 +819,17 @@ fn decode(
             None => Err(super::Stray::NotOurProbe),
         },
         (_, None) => Err(super::Stray::NotOurProbe),
-    }
+    }?;
+    // The tag was checked with the salt of the flow the reply names; looked up again only if
+    // the decoder ever asked for another one.
+    let key = FlowKey::of(&reply);
+    let owner = match found.get() {
+        Some((asked, owner)) if asked == key => Some(owner),
+        _ => flows.owner(&key),
+    };
+    owner
+        .map(|owner| (reply, owner))
+        .ok_or(super::Stray::NoFlow)
 }
 
 /// Teaches the router pacing who answered an ICMP error (echo replies and TCP answers are not
