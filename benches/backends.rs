@@ -5,7 +5,8 @@
 //! `cargo bench --bench backends` (needs root: it builds network namespaces). `BENCH_TRACES`
 //! (default 10000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds,
 //! `BENCH_SYSTEMS` (comma-separated: list, daemon, process, engine, ceiling; default all) which
-//! systems run. The method and the results are in BENCHMARKS.md.
+//! systems run, `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight. The
+//! method and the results are in BENCHMARKS.md.
 //!
 //! Safety: the machine has a default route to the internet, so every scamper started here runs
 //! inside the lab's client namespace (checked before the first probe), and the lab is removed
@@ -521,7 +522,8 @@ async fn process_sample(netns: &Arc<NetNs>, dsts: &[IpAddr]) -> Sample {
 }
 
 /// The engine, opened fresh in the lab's client namespace (the opening thread's namespace is
-/// checked against it before any socket exists), [`ENGINE_CONCURRENCY`] traces at once. Its
+/// checked against it before any socket exists), [`ENGINE_CONCURRENCY`] traces at once
+/// (`BENCH_ENGINE_CONCURRENCY` overrides it). Its
 /// CPU is this process's (the engine runs in it); drops are the kernel's count on the engine's
 /// receive sockets.
 async fn engine_sample(netns: &Arc<NetNs>, pps: u32, dsts: &[IpAddr]) -> Sample {
@@ -532,7 +534,8 @@ async fn engine_sample(netns: &Arc<NetNs>, pps: u32, dsts: &[IpAddr]) -> Sample 
     let engine = Arc::new(Engine::open(Some(netns), options).expect("open the engine in the lab"));
     let own_before = rusage(UsageWho::RUSAGE_SELF);
     let tracer: Arc<dyn Tracer> = Arc::clone(&engine) as Arc<dyn Tracer>;
-    let returned = run_traces(tracer, dsts, Some(ENGINE_CONCURRENCY)).await;
+    let concurrency = env_count("BENCH_ENGINE_CONCURRENCY", ENGINE_CONCURRENCY, 65_536);
+    let returned = run_traces(tracer, dsts, Some(concurrency)).await;
     let own = rusage(UsageWho::RUSAGE_SELF).since(own_before);
     let stats = engine.stats();
     engine.shutdown().await;
