@@ -59,6 +59,8 @@ pub struct EngineMetrics {
     pub kernel_drops: Counter,
     /// Probes held back for a router that showed an ICMP rate limit.
     pub router_paced: Counter,
+    /// Replies without the kernel's receive time (their RTT includes the wait to be read).
+    pub unstamped: Counter,
     /// Routers paced now for their ICMP rate limit.
     pub limited_routers: Gauge,
 }
@@ -84,6 +86,8 @@ impl EngineMetrics {
             .inc_by(now.kernel_drops.saturating_sub(before.kernel_drops));
         self.router_paced
             .inc_by(now.router_paced.saturating_sub(before.router_paced));
+        self.unstamped
+            .inc_by(now.unstamped.saturating_sub(before.unstamped));
         self.limited_routers
             .set(i64::try_from(now.limited_routers).unwrap_or(i64::MAX));
     }
@@ -353,6 +357,11 @@ impl Metrics {
             metrics.engine.router_paced.clone(),
         );
         r.register(
+            "hoptrace_engine_unstamped_replies",
+            "Engine replies without the kernel's receive time (RTT includes the wait to be read)",
+            metrics.engine.unstamped.clone(),
+        );
+        r.register(
             "hoptrace_engine_limited_routers",
             "Routers the engine paces now for their ICMP rate limit",
             metrics.engine.limited_routers.clone(),
@@ -444,6 +453,7 @@ mod tests {
             probes_sent: 15,
             strays: 3,
             router_paced: 9,
+            unstamped: 2,
             limited_routers: 1,
             ..before
         };
@@ -453,6 +463,7 @@ mod tests {
             "hoptrace_engine_probes_total{outcome=\"sent\"} 5",
             "hoptrace_engine_packets_total{outcome=\"stray\"} 3",
             "hoptrace_engine_router_paced_total 5",
+            "hoptrace_engine_unstamped_replies_total 2",
             "hoptrace_engine_limited_routers 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");

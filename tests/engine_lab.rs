@@ -161,6 +161,10 @@ async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Ve
     }
     let stats = engine.stats();
     assert_eq!(stats.kernel_drops, 0, "{stats:?}");
+    assert_eq!(
+        stats.unstamped, 0,
+        "every reply has the kernel's receive time: {stats:?}"
+    );
     engine.shutdown().await;
 }
 
@@ -318,6 +322,10 @@ async fn multipath_finds_the_whole_diamond() {
     assert!(p99 > p95, "99%: {p99} probes, 95%: {p95}");
     let stats = engine.stats();
     assert_eq!(stats.kernel_drops, 0, "{stats:?}");
+    assert_eq!(
+        stats.unstamped, 0,
+        "every reply has the kernel's receive time: {stats:?}"
+    );
     assert_eq!(engine.running(), 0);
 }
 
@@ -420,6 +428,10 @@ async fn concurrent_traces_share_one_engine() {
     let stats = engine.stats();
     eprintln!("{stats:?}");
     assert_eq!(stats.kernel_drops, 0, "{stats:?}");
+    assert_eq!(
+        stats.unstamped, 0,
+        "every reply has the kernel's receive time: {stats:?}"
+    );
     assert_eq!(engine.running(), 0);
 }
 

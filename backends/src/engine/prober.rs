@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -55,6 +55,8 @@ const MAX_SLEEP_MS: u16 = 1000;
 /// Reads of one receive socket per loop turn (each up to [`RECV_BATCH`](super::socket)
 /// packets); the rest waits for the next turn, after the traces had theirs.
 const READS_PER_TURN: usize = 4;
+/// The longest a reply is taken to have waited in its socket (see [`arrival`]).
+const MAX_QUEUED: Duration = Duration::from_secs(1);
 /// epoll data of the inbox's eventfd; the receive sockets use their index in [`Listener::ALL`].
 const BELL: u64 = u64::MAX;
 
@@ -172,6 +174,7 @@ pub struct Counters {
     pub late: AtomicU64,
     pub kernel_drops: [AtomicU32; 4],
     pub router_paced: AtomicU64,
+    pub unstamped: AtomicU64,
 }
 
 /// Jobs waiting for the prober, and the eventfd that wakes it.
@@ -747,11 +750,11 @@ impl Prober {
         let flows = &self.sender.flows;
         let traces = &mut self.traces;
         let ready = &mut self.ready;
-        // One reading of the clock per batch, taken when the batch is in: every packet of it
+        // One reading of the clocks per batch, taken when the batch is in: every packet of it
         // was queued before the read returned.
         let mut read_at = None;
         let read = reader.read_ready(&shared.sockets, |packet| {
-            let rx = *read_at.get_or_insert_with(Instant::now);
+            let rx = arrival(packet.arrived, *read_at.get_or_insert_with(clocks_now));
             let counters = &shared.counters;
             let counter = match decode(shared, flows, which, packet) {
                 // Shaped like ours, for no running trace: late (or another prober's).
@@ -765,6 +768,9 @@ impl Prober {
                     match running {
                         None => &counters.late,
                         Some((owner, r)) => {
+                            if packet.arrived.is_none() {
+                                counters.unstamped.fetch_add(1, Ordering::Relaxed);
+                            }
                             learn(shared.routers.as_ref(), &reply);
                             r.machine.on_reply(owner.flow, reply, rx);
                             if !r.ready {
@@ -832,6 +838,26 @@ fn decode(
         .ok_or(super::Stray::NoFlow)
 }
 
+/// The monotonic and the realtime clock (since the Unix epoch), read together.
+fn clocks_now() -> (Instant, Duration) {
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (Instant::now(), wall)
+}
+
+/// When a packet was received, on the monotonic clock: the kernel's stamp `arrived` (realtime,
+/// since the Unix epoch) placed before `read`, a reading of both clocks after the packet was
+/// read. At most [`MAX_QUEUED`] before `read` (a step of the realtime clock must not make an
+/// RTT absurd), never after it; `read`'s own instant without a stamp.
+fn arrival(arrived: Option<Duration>, (mono, wall): (Instant, Duration)) -> Instant {
+    let Some(arrived) = arrived else {
+        return mono;
+    };
+    let waited = wall.saturating_sub(arrived).min(MAX_QUEUED);
+    mono.checked_sub(waited).unwrap_or(mono)
+}
+
 /// Teaches the router pacing who answered an ICMP error (echo replies and TCP answers are not
 /// rate limited).
 fn learn(routers: Option<&RouterPacing>, reply: &Reply) {
@@ -876,6 +902,29 @@ mod tests {
             done,
         };
         (job, finished)
+    }
+
+    #[test]
+    fn a_kernel_stamp_places_the_arrival_before_the_read_within_bounds() {
+        let mono = Instant::now() + Duration::from_secs(10);
+        let wall = Duration::from_secs(1_700_000_000);
+        let read = (mono, wall);
+        assert_eq!(arrival(None, read), mono, "no stamp: when it was read");
+        assert_eq!(
+            arrival(Some(wall - Duration::from_micros(250)), read),
+            mono - Duration::from_micros(250),
+            "waited 250 µs in the socket"
+        );
+        assert_eq!(
+            arrival(Some(wall + Duration::from_millis(3)), read),
+            mono,
+            "a stamp after the read (the clock stepped back) is the read"
+        );
+        assert_eq!(
+            arrival(Some(wall - Duration::from_secs(3600)), read),
+            mono - MAX_QUEUED,
+            "a stamp long before (the clock stepped forward) is bounded"
+        );
     }
 
     #[test]

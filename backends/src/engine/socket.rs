@@ -11,9 +11,10 @@
 //!
 //! Receive sockets get a large `SO_RCVBUF`, are read in batches (`recvmmsg`), either when the
 //! engine's event loop sees them readable ([`Reader::read_ready`]) or blocking for a short
-//! timeout ([`Reader::read`], for a thread of its own), and report the kernel's own count of packets
-//! dropped for want of buffer space (`SO_RXQ_OVFL`). Send sockets are non-blocking: a full send
-//! queue is a lost probe (counted), never a stalled trace.
+//! timeout ([`Reader::read`], for a thread of its own), and report the kernel's own count of
+//! packets dropped for want of buffer space (`SO_RXQ_OVFL`) and when the kernel received each
+//! packet (`SO_TIMESTAMPNS`), so RTTs do not include the time a reply waited to be read. Send
+//! sockets are non-blocking: a full send queue is a lost probe (counted), never a stalled trace.
 //!
 //! # Namespaces
 //!
@@ -173,6 +174,9 @@ pub struct Packet<'a> {
     pub to: Option<Ipv6Addr>,
     /// The hop limit it arrived with (IPv6 only).
     pub hop_limit: u8,
+    /// When the kernel received it, since the Unix epoch (`SO_TIMESTAMPNS`, the realtime
+    /// clock), if the kernel said.
+    pub arrived: Option<Duration>,
 }
 
 /// The raw sockets of one engine (see the module docs).
@@ -217,6 +221,9 @@ fn receiver(domain: Domain, protocol: Protocol, what: &'static str) -> Result<So
         .set_read_timeout(Some(RECV_POLL))
         .map_err(io("set SO_RCVTIMEO"))?;
     setsockopt(&socket, sockopt::RxqOvfl, &1).map_err(nix_io("set SO_RXQ_OVFL"))?;
+    // Receive times from the kernel: a reply's RTT does not grow while it waits to be read.
+    setsockopt(&socket, sockopt::ReceiveTimestampns, &true)
+        .map_err(nix_io("set SO_TIMESTAMPNS"))?;
     Ok(socket)
 }
 
@@ -379,7 +386,12 @@ pub struct Reader {
 impl Reader {
     /// A reader for `which`.
     pub fn new(which: Listener) -> Self {
-        let cmsg = nix::cmsg_space!(nix::libc::c_int, nix::libc::in6_pktinfo, u32);
+        let cmsg = nix::cmsg_space!(
+            nix::libc::c_int,
+            nix::libc::in6_pktinfo,
+            u32,
+            nix::libc::timespec
+        );
         Self {
             which,
             buffers: Box::new([[0; RECV_LEN]; RECV_BATCH]),
@@ -450,6 +462,7 @@ impl Reader {
                     .map(|a| a.ip()),
                 to: None,
                 hop_limit: 0,
+                arrived: None,
             };
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {
@@ -461,6 +474,9 @@ impl Reader {
                             packet.to = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr));
                         }
                         ControlMessageOwned::RxqOvfl(drops) => self.drops = drops,
+                        ControlMessageOwned::ScmTimestampns(ts) => {
+                            packet.arrived = Some(Duration::from(ts));
+                        }
                         _ => {}
                     }
                 }

@@ -69,6 +69,9 @@ pub struct EngineStats {
     pub kernel_drops: u64,
     /// Probes held back for a router that showed an ICMP rate limit.
     pub router_paced: u64,
+    /// Replies delivered without the kernel's receive time: their RTT includes the time they
+    /// waited to be read.
+    pub unstamped: u64,
     /// Routers paced now.
     pub limited_routers: u64,
 }
@@ -131,6 +134,7 @@ impl Engine {
                 .map(|d| u64::from(d.load(Ordering::Relaxed)))
                 .sum(),
             router_paced: c.router_paced.load(Ordering::Relaxed),
+            unstamped: c.unstamped.load(Ordering::Relaxed),
             limited_routers: self
                 .shared
                 .routers
