@@ -5,7 +5,8 @@
 //! `cargo bench --bench backends` (needs root: it builds network namespaces). `BENCH_TRACES`
 //! (default 10000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds,
 //! `BENCH_SYSTEMS` (comma-separated: list, daemon, process, engine, ceiling; default all) which
-//! systems run, `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight. The
+//! systems run, `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight,
+//! `BENCH_WORKERS` (default: one per CPU, as `hoptrace serve`) the tokio worker threads. The
 //! method and the results are in BENCHMARKS.md.
 //!
 //! Safety: the machine has a default route to the internet, so every scamper started here runs
@@ -246,7 +247,11 @@ fn main() {
     let lab = Lab::up();
     // Declared after the lab so it is dropped first: dropping the runtime kills any scamper
     // still running before the lab's namespaces are removed.
+    // One tokio worker per CPU, as `hoptrace serve` has; `BENCH_WORKERS` changes it.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = env_count("BENCH_WORKERS", cpus, 64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("tokio runtime");

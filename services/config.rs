@@ -83,6 +83,11 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_ENGINE_PPS", default_value_t = 10_000)]
     pub engine_pps: u32,
 
+    /// tokio worker threads: gRPC, the pipeline, writing trace files (default: one per CPU).
+    /// The engine probes on a thread of its own either way.
+    #[arg(long, env = "HOPTRACE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
     /// Most traces open on the scamper daemon at once (`scamper-daemon`).
     #[arg(long, env = "HOPTRACE_SCAMPER_WINDOW", default_value_t = 128)]
     pub scamper_window: usize,

@@ -82,7 +82,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             "capabilities kept: the scamper backends start scamper (inside --netns) for every trace"
         );
     }
-    let runtime = match runtime() {
+    let runtime = match runtime(args.worker_threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("hoptrace: cannot start the runtime: {e}");
@@ -108,10 +108,13 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+/// The runtime, with `workers` worker threads (tokio's default, one per CPU, when `None`).
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(usize::from(workers));
+    }
+    builder.enable_all().build()
 }
 
 async fn client(command: Command) -> anyhow::Result<()> {
@@ -140,7 +143,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => return serve(*args),
         command => command,
     };
-    let result = runtime()
+    let result = runtime(None)
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(client(command)));
     let broken_pipe = |e: &anyhow::Error| {

@@ -52,6 +52,8 @@ async fn serve(lab: &Lab, backend: &str) -> Served {
         .args(["--netns", &ns, "--backend", backend, "--allow-private"])
         .args(["--max-ttl", "8", "--probe-wait", "1s", "--log", "info"])
         .args(["--log-format", "json"])
+        // One tokio worker (`--worker-threads`): the service runs and traces with it.
+        .args(["--worker-threads", "1"])
         // The host watcher stays on: opened inside the lab before the drop, it must still work.
         .args(["--scamper-bin", "/nonexistent/scamper"])
         .stdout(Stdio::null())
