@@ -15,7 +15,9 @@
 //!
 //! Every loop is bounded: a turn handles what is due and what arrived, then sleeps until the
 //! next wake-up of any trace (epoll's millisecond resolution, as tokio's timer), a packet, or a
-//! job. A trace whose caller went away (its future dropped) is dropped at its next turn.
+//! job. A trace whose caller went away (its future dropped) is dropped at its next
+//! wait-for-replies wake-up. A reply's receive time is the kernel's (`SO_TIMESTAMPNS`), so how
+//! long it waited to be read does not enter its RTT.
 
 use std::cell::Cell;
 use std::cmp::Reverse;

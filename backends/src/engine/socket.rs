@@ -370,8 +370,8 @@ impl ProbeSockets {
 }
 
 /// Batched reads from one receive socket, with buffers reused across reads. A read asks for
-/// twice what the last one got (between [`MIN_BATCH`] and [`RECV_BATCH`]), so replies arriving
-/// one at a time do not pay for setting up 64 slots each.
+/// twice what the last one got (8 to 64 packets), so replies arriving one at a time do not pay
+/// for setting up 64 slots each.
 #[derive(Debug)]
 pub struct Reader {
     which: Listener,
@@ -406,7 +406,7 @@ impl Reader {
         self.drops
     }
 
-    /// Waits up to [`RECV_POLL`] for packets and hands each one read (up to
+    /// Waits up to `RECV_POLL` (20 ms) for packets and hands each one read (up to
     /// [`batch`](Self::batch)) to `each`; returns how many were read (0 on timeout).
     pub fn read(
         &mut self,
