@@ -76,8 +76,8 @@ fn hops(out: &TraceOutput) -> Vec<(u8, IpAddr)> {
     out.summary.hops.iter().map(|h| (h.ttl, h.addr)).collect()
 }
 
-/// The trace of `dst` is the lab's path: TTL 1..=4 its routers (one of the alternatives at
-/// each), TTL 5 the destination answering as `probe` makes it answer, and nothing else.
+/// The trace of `dst` is the lab's path: TTL 1..=n its routers (one of the `n` alternatives at
+/// each), TTL n + 1 the destination answering as `probe` makes it answer, and nothing else.
 fn assert_lab_path(out: &TraceOutput, dst: IpAddr, probe: Probe, alternatives: &[Vec<IpAddr>]) {
     let summary = &out.summary;
     assert_eq!(
@@ -88,7 +88,8 @@ fn assert_lab_path(out: &TraceOutput, dst: IpAddr, probe: Probe, alternatives: &
     );
     assert_eq!(summary.dst, dst);
     let ttls: Vec<u8> = summary.hops.iter().map(|h| h.ttl).collect();
-    assert_eq!(ttls, [1, 2, 3, 4, 5], "{}", out.lines);
+    let path = u8::try_from(alternatives.len() + 1).expect("a short path");
+    assert_eq!(ttls, (1..=path).collect::<Vec<_>>(), "{}", out.lines);
     for (hop, choices) in summary.hops.iter().zip(alternatives) {
         assert!(
             choices.contains(&hop.addr),
@@ -98,7 +99,7 @@ fn assert_lab_path(out: &TraceOutput, dst: IpAddr, probe: Probe, alternatives: &
         );
         assert_eq!(hop.kind, ReplyKind::TimeExceeded, "{}", out.lines);
     }
-    let last = &summary.hops[4];
+    let last = &summary.hops[alternatives.len()];
     assert_eq!(last.addr, dst);
     let kind = match probe {
         Probe::Udp => ReplyKind::Unreachable,
@@ -184,6 +185,9 @@ async fn engine_v4_traces_equal_the_lab_and_scamper() {
     let lab = Lab::up();
     let dst = lab.dst_v4(5);
     engine_matches_lab_and_scamper(&lab, dst, lab.hops_v4()).await;
+    // Seven hops: more than one probing window (the gap limit, 5 TTLs).
+    let far = lab.far_v4(5);
+    engine_matches_lab_and_scamper(&lab, far, lab.far_hops_v4()).await;
 }
 
 #[tokio::test]
@@ -194,6 +198,8 @@ async fn engine_v6_traces_equal_the_lab_and_scamper() {
     let lab = Lab::up();
     let dst = lab.dst_v6(5);
     engine_matches_lab_and_scamper(&lab, dst, lab.hops_v6()).await;
+    let far = lab.far_v6(5);
+    engine_matches_lab_and_scamper(&lab, far, lab.far_hops_v6()).await;
 }
 
 /// The lab's multipath ground truth: every link of the diamond (r4 answers from one address

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! client --- r1 --- r2 ==< r3a >== r4 --- dst     destinations 10.77.100.0/24, fd77:100::/64
-//!                      ==< r3b >==
+//!                      ==< r3b >==   \
+//!                                     r5 --- r6 --- far    10.77.200.0/24, fd77:200::/64
 //! ```
 //!
 //! Every probe a test sends must leave from [`Lab::client_ns`]: the machine has a default route
@@ -225,8 +226,8 @@ impl Lab {
         self.ns("client")
     }
 
-    /// The namespace of a lab node: "client", "r1", "r2", "r3a", "r3b", "r4" or "dst" (in it,
-    /// the veth towards node Y is named `to-Y`, e.g. `to-r2` in r3b).
+    /// The namespace of a lab node: "client", "r1", "r2", "r3a", "r3b", "r4", "dst", "r5", "r6"
+    /// or "far" (in it, the veth towards node Y is named `to-Y`, e.g. `to-r2` in r3b).
     pub fn ns(&self, node: &str) -> String {
         format!("{}-{node}", self.prefix)
     }
@@ -259,6 +260,40 @@ impl Lab {
     pub fn hops_v6(&self) -> Vec<Vec<IpAddr>> {
         let v6 = |c: u16| IpAddr::V6(Ipv6Addr::new(0xfd77, c, 0, 0, 0, 0, 0, 2));
         vec![vec![v6(1)], vec![v6(2)], vec![v6(3), v6(4)], vec![v6(5)]]
+    }
+
+    /// Far destination `n` (1..=254), seven hops away (behind r4, r5 and r6): 10.77.200.n.
+    pub fn far_v4(&self, n: u8) -> IpAddr {
+        assert!(
+            (1..=254).contains(&n),
+            "lab far destination {n} not in 1..=254"
+        );
+        IpAddr::V4(Ipv4Addr::new(10, 77, 200, n))
+    }
+
+    /// The hops (TTL 1..=6) a trace to a far destination sees: those of [`Lab::hops_v4`], then
+    /// r5 (10.77.8.2) and r6 (10.77.9.2). The far destination answers at TTL 7.
+    pub fn far_hops_v4(&self) -> Vec<Vec<IpAddr>> {
+        let mut hops = self.hops_v4();
+        hops.extend([8, 9].map(|c| vec![IpAddr::V4(Ipv4Addr::new(10, 77, c, 2))]));
+        hops
+    }
+
+    /// The IPv6 twin of [`Lab::far_v4`]: fd77:200::n (n in 1..=255, the assigned addresses as
+    /// for [`Lab::dst_v6`]).
+    pub fn far_v6(&self, n: u16) -> IpAddr {
+        assert!(
+            (1..=255).contains(&n),
+            "lab far destination {n} not in 1..=255"
+        );
+        IpAddr::V6(Ipv6Addr::new(0xfd77, 0x200, 0, 0, 0, 0, 0, n))
+    }
+
+    /// The IPv6 twin of [`Lab::far_hops_v4`]: then fd77:8::2 (r5) and fd77:9::2 (r6).
+    pub fn far_hops_v6(&self) -> Vec<Vec<IpAddr>> {
+        let mut hops = self.hops_v6();
+        hops.extend([8, 9].map(|c| vec![IpAddr::V6(Ipv6Addr::new(0xfd77, c, 0, 0, 0, 0, 0, 2))]));
+        hops
     }
 
     /// (st_dev, st_ino) of `/run/netns/<name>`, for asserting a process or socket is inside the
