@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
-use hoptrace_backends::{Confidence, Limits, Method};
+use hoptrace_backends::{Confidence, Limits, Method, engine::MAX_PROBES};
 use ipnet::IpNet;
 
 use crate::{cache::CacheConfig, conn_id};
@@ -39,6 +39,9 @@ fn confidence(text: &str) -> Result<Confidence, String> {
         .and_then(Confidence::from_percent)
         .ok_or_else(|| format!("{text:?}: the confidence is 95 or 99 (percent)"))
 }
+
+/// The longest `--trace-timeout`.
+const MAX_TRACE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
@@ -108,7 +111,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_PROBE_WAIT", default_value = "2s", value_parser = duration)]
     pub probe_wait: Duration,
 
-    /// Most probes one multipath trace may send.
+    /// Most probes one multipath trace may send (1-20000).
     #[arg(long, env = "HOPTRACE_PROBE_BUDGET", default_value_t = 3000)]
     pub probe_budget: u32,
 
@@ -123,7 +126,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_SOURCE_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub source_port: Option<u16>,
 
-    /// Deadline of one trace; past it the trace is stopped and fails.
+    /// Deadline of one trace (1s-24h); past it the trace is stopped and fails.
     #[arg(long, env = "HOPTRACE_TRACE_TIMEOUT", default_value = "120s", value_parser = duration)]
     pub trace_timeout: Duration,
 
@@ -271,8 +274,18 @@ impl ServeArgs {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        if self.trace_timeout < Duration::from_secs(1) {
-            return bad("--trace-timeout must be at least 1s".into());
+        if !(Duration::from_secs(1)..=MAX_TRACE_TIMEOUT).contains(&self.trace_timeout) {
+            return bad(format!(
+                "--trace-timeout must be between 1s and 24h, not {:?}",
+                self.trace_timeout
+            ));
+        }
+        if self.probe_budget > MAX_PROBES {
+            return bad(format!(
+                "--probe-budget must be at most {MAX_PROBES} (a multipath trace's flows must \
+                 stay fewer than its source ports), not {}",
+                self.probe_budget
+            ));
         }
         if self.watch_poll < Duration::from_millis(1) {
             return bad("--watch-poll must be at least 1ms".into());

@@ -53,7 +53,8 @@ pub struct EngineMetrics {
     /// Probes by outcome: `sent`, `lost` (the kernel's send queue was full).
     pub probes: Family<OutcomeLabel, Counter>,
     /// Packets read by outcome: `reply` (to a running trace), `stray` (not an authentic reply
-    /// to our probes), `late` (for a flow no trace runs).
+    /// to our probes), `late` (for a flow no trace runs), `duplicate` (a second answer to one
+    /// probe, dropped).
     pub packets: Family<OutcomeLabel, Counter>,
     /// Packets the kernel dropped on the engine's receive sockets (`SO_RXQ_OVFL`).
     pub kernel_drops: Counter,
@@ -82,6 +83,12 @@ impl EngineMetrics {
         inc(&self.packets, "reply", before.replies, now.replies);
         inc(&self.packets, "stray", before.strays, now.strays);
         inc(&self.packets, "late", before.late, now.late);
+        inc(
+            &self.packets,
+            "duplicate",
+            before.duplicates,
+            now.duplicates,
+        );
         self.kernel_drops
             .inc_by(now.kernel_drops.saturating_sub(before.kernel_drops));
         self.router_paced
@@ -182,7 +189,7 @@ impl Metrics {
                 .probes
                 .get_or_create(&OutcomeLabel { outcome });
         }
-        for outcome in ["reply", "stray", "late"] {
+        for outcome in ["reply", "stray", "late", "duplicate"] {
             let _ = metrics
                 .engine
                 .packets
@@ -452,6 +459,7 @@ mod tests {
         let now = EngineStats {
             probes_sent: 15,
             strays: 3,
+            duplicates: 1,
             router_paced: 9,
             unstamped: 2,
             limited_routers: 1,
@@ -462,6 +470,7 @@ mod tests {
         for want in [
             "hoptrace_engine_probes_total{outcome=\"sent\"} 5",
             "hoptrace_engine_packets_total{outcome=\"stray\"} 3",
+            "hoptrace_engine_packets_total{outcome=\"duplicate\"} 1",
             "hoptrace_engine_router_paced_total 5",
             "hoptrace_engine_unstamped_replies_total 2",
             "hoptrace_engine_limited_routers 1",

@@ -331,6 +331,8 @@ fn a_bad_configuration_exits_64_before_binding() {
         (&["--method", "paris-sctp"], "unknown method"),
         (&["--deny", "10.0.0.0/33"], "--deny"),
         (&["--concurrency", "0"], "--concurrency"),
+        (&["--trace-timeout", "25h"], "--trace-timeout"),
+        (&["--probe-budget", "20001"], "--probe-budget"),
         (&["--worker-threads", "0"], "--worker-threads"),
         (&["--conn-id-pattern", "(unclosed"], "--conn-id-pattern"),
         (&["--listen", "nowhere"], "--listen"),

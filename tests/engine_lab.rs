@@ -380,6 +380,61 @@ async fn rate_limited_routers_still_answer(lab: &Lab, v4: bool) {
     );
 }
 
+/// Router pacing never costs a trace its result: 60 traces at once through IPv4 routers at
+/// their default limits (one answer a second each), with an 8 s deadline. Pacing all of them
+/// would queue the routers' probes a minute deep and fail most traces with a timeout; a probe
+/// whose turn would come too late for its trace goes out at once instead. Every trace ends
+/// before its deadline, at the destination (TCP: its RST is not rate limited), the late ones
+/// with silent hops where the routers stayed quiet, as an unpaced tracer would see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_pacing_never_holds_a_probe_past_its_trace() {
+    if !require_root("router_pacing_never_holds_a_probe_past_its_trace") {
+        return;
+    }
+    let lab = Lab::up_with_ratelimit();
+    let engine = Arc::new(lab_engine(&lab));
+    let deadline = Duration::from_secs(8);
+    let started = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for n in 1..=60u8 {
+        let dst = lab.dst_v4(n);
+        let mut request = request(dst, Probe::Tcp);
+        request.limits.deadline = deadline;
+        let engine = Arc::clone(&engine);
+        set.spawn(async move { (dst, engine.trace(&request).await) });
+    }
+    let (mut whole, mut gaps) = (0, 0);
+    while let Some(done) = set.join_next().await {
+        let (dst, out) = done.expect("trace task");
+        let out = out.unwrap_or_else(|e| panic!("{dst}: {e}"));
+        assert_eq!(
+            out.summary.stop_reason.as_deref(),
+            Some("COMPLETED"),
+            "{}",
+            out.lines
+        );
+        let last = out.summary.hops.last().expect("hops");
+        assert_eq!((last.ttl, last.addr), (5, dst), "{}", out.lines);
+        if out.summary.hops.len() == 5 {
+            whole += 1;
+        } else {
+            gaps += 1;
+        }
+    }
+    let stats = engine.stats();
+    eprintln!(
+        "{whole} whole, {gaps} with silent hops, in {:?}; {stats:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < deadline, "{:?}", started.elapsed());
+    assert!(stats.router_paced > 0, "nothing was paced: {stats:?}");
+    assert!(
+        gaps > 0,
+        "every trace was whole: the routers were not limited? {stats:?}"
+    );
+    engine.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited_v6_routers_still_answer() {
     if !require_root("rate_limited_v6_routers_still_answer") {

@@ -67,6 +67,7 @@ pub(crate) mod tests;
 mod tracer;
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::Probe;
 
@@ -85,6 +86,13 @@ pub use tracer::{Engine, EngineOptions, EngineStats, TCP_DPORT, UDP_DPORT};
 pub const MAX_TTL: u8 = 63;
 /// Highest attempt number at one TTL: the attempt gets 2 bits of the state word.
 pub const MAX_ATTEMPT: u8 = 3;
+/// Longest wait for one answer (longer ones are clamped): keeps every instant computed from it
+/// far from overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Most probes one multipath trace sends (larger budgets are clamped): every flow takes at
+/// least one probe, so a trace's flows stay fewer than the automatic source ports (28,000) and
+/// its flow numbers (`u16`).
+pub const MAX_PROBES: u32 = 20_000;
 
 /// The flow a path is probed with; constant for every probe of one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -100,6 +100,14 @@ impl Machine {
         }
     }
 
+    /// How long the trace waits for the answer to one probe.
+    fn wait(&self) -> Duration {
+        match self {
+            Machine::Paris(trace) => trace.config().wait,
+            Machine::Mda(trace) => trace.config().wait,
+        }
+    }
+
     fn sent(&mut self, probe: MdaProbe, at: Instant) {
         match self {
             Machine::Paris(trace) => trace.sent(probe.id, at),
@@ -107,14 +115,12 @@ impl Machine {
         }
     }
 
-    fn on_reply(&mut self, flow: FlowIx, reply: Reply, rx: Instant) {
+    /// Whether the reply was taken: false for a second answer to one probe (or one to an
+    /// attempt never sent).
+    fn on_reply(&mut self, flow: FlowIx, reply: Reply, rx: Instant) -> bool {
         match self {
-            Machine::Paris(trace) => {
-                trace.on_reply(reply, rx);
-            }
-            Machine::Mda(trace) => {
-                trace.on_reply(flow, reply, rx);
-            }
+            Machine::Paris(trace) => trace.on_reply(reply, rx),
+            Machine::Mda(trace) => trace.on_reply(flow, reply, rx),
         }
     }
 }
@@ -174,6 +180,7 @@ pub struct Counters {
     pub replies: AtomicU64,
     pub strays: AtomicU64,
     pub late: AtomicU64,
+    pub duplicates: AtomicU64,
     pub kernel_drops: [AtomicU32; 4],
     pub router_paced: AtomicU64,
     pub unstamped: AtomicU64,
@@ -440,11 +447,12 @@ impl Sender {
 
     /// Moves `r.unsent` into `r.pending`: the batch gets its time from the global budget, then
     /// each probe no earlier than its router's pacing allows (a retry is the sign a router is
-    /// limited).
+    /// limited), unless that is too late for an answer before the trace's deadline.
     fn reserve(&mut self, r: &mut Running, now: Instant) {
         let n = u32::try_from(r.unsent.len()).unwrap_or(u32::MAX);
         let base = self.pacer.reserve(n, now);
         let dst = r.template.dst;
+        let latest = r.deadline.checked_sub(r.machine.wait()).unwrap_or(now);
         // Reversed, so that after the stable sort (latest first) equal times pop in order.
         for probe in r.unsent.drain(..).rev() {
             let at = self.shared.routers.as_ref().map_or(base, |routers| {
@@ -452,7 +460,7 @@ impl Sender {
                 if retry {
                     routers.silent(dst, probe.id.ttl, base);
                 }
-                routers.reserve(dst, probe.id.ttl, base, retry)
+                routers.reserve(dst, probe.id.ttl, base, retry, latest)
             });
             if at > base {
                 self.shared
@@ -773,13 +781,16 @@ impl Prober {
                             if packet.arrived.is_none() {
                                 counters.unstamped.fetch_add(1, Ordering::Relaxed);
                             }
-                            learn(shared.routers.as_ref(), &reply);
-                            r.machine.on_reply(owner.flow, reply, rx);
-                            if !r.ready {
-                                r.ready = true;
-                                ready.push(owner.trace);
+                            if r.machine.on_reply(owner.flow, reply, rx) {
+                                learn(shared.routers.as_ref(), &reply);
+                                if !r.ready {
+                                    r.ready = true;
+                                    ready.push(owner.trace);
+                                }
+                                &counters.replies
+                            } else {
+                                &counters.duplicates
                             }
-                            &counters.replies
                         }
                     }
                 }

@@ -15,7 +15,12 @@
 //!   router's bucket; retries are few on a healthy network, so this costs little;
 //! - three silences within [`RouterLimits::hold`] (so one lost packet does not slow a router
 //!   down) mark the router *limited*: then first probes are spaced the same way, until `hold`
-//!   passes without a silence.
+//!   passes without a silence;
+//! - a probe is held back only while its trace can still use the answer: one whose turn would
+//!   come later than the trace allows (its deadline less one wait) goes out at once and books
+//!   no turn, as without pacing (the router will likely not answer it). Otherwise a router
+//!   shared by many concurrent traces, such as the first hop, would queue probes past every
+//!   trace's deadline and fail them all.
 //!
 //! Everything else goes out at once. The arithmetic takes `now` as an argument, so it is tested
 //! without a clock.
@@ -137,8 +142,16 @@ impl RouterPacing {
     }
 
     /// When a probe to `dst` at `ttl` may be sent (`now` or later); reserves its slot. A
-    /// `retry` is paced from the router's first silence, a first probe once it is limited.
-    pub fn reserve(&self, dst: IpAddr, ttl: u8, now: Instant, retry: bool) -> Instant {
+    /// `retry` is paced from the router's first silence, a first probe once it is limited. A
+    /// probe whose slot would come after `latest` is not paced: `now`, and no slot is taken.
+    pub fn reserve(
+        &self,
+        dst: IpAddr,
+        ttl: u8,
+        now: Instant,
+        retry: bool,
+        latest: Instant,
+    ) -> Instant {
         if self.tracked.load(Ordering::Relaxed) == 0 {
             return now;
         }
@@ -159,6 +172,9 @@ impl RouterPacing {
             return now;
         }
         let at = silent.next.max(now);
+        if at > latest {
+            return now;
+        }
         silent.next = at + interval;
         at
     }
@@ -204,13 +220,17 @@ mod tests {
         s.parse().expect("addr")
     }
 
+    /// Past every slot these tests take: a `latest` that never holds a probe back.
+    const DAY: Duration = Duration::from_secs(86_400);
+
     #[test]
     fn nothing_waits_until_a_router_shows_its_limit() {
         let pacing = RouterPacing::new(RouterLimits::default());
         let now = Instant::now();
+        let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
         for _ in 0..100 {
-            assert_eq!(pacing.reserve(ip("10.77.100.9"), 1, now, false), now);
+            assert_eq!(pacing.reserve(ip("10.77.100.9"), 1, now, false, far), now);
         }
         // Silence where no router is known teaches nothing.
         pacing.silent(ip("10.77.100.5"), 2, now);
@@ -222,30 +242,34 @@ mod tests {
         let limits = RouterLimits::default();
         let pacing = RouterPacing::new(limits);
         let now = Instant::now();
+        let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
         pacing.learn(ip("10.77.100.5"), 2, ip("10.77.2.2"));
         // One or two silences may be loss; the third shows the limit.
         pacing.silent(ip("10.77.100.7"), 1, now);
         pacing.silent(ip("10.77.100.8"), 1, now);
         assert_eq!(pacing.limited_routers(), 0);
-        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, now, false), now);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, now, false, far), now);
         pacing.silent(ip("10.77.100.9"), 1, now);
         assert_eq!(pacing.limited_routers(), 1);
         // Any destination of the /24, at the limited router's TTL: one per second, in order.
         let slots: Vec<Instant> = (1..=5u8)
-            .map(|n| pacing.reserve(ip(&format!("10.77.100.{n}")), 1, now, false))
+            .map(|n| pacing.reserve(ip(&format!("10.77.100.{n}")), 1, now, false, far))
             .collect();
         let expect: Vec<Instant> = (0..5u32).map(|i| now + limits.interval_v4 * i).collect();
         assert_eq!(slots, expect);
         // Other TTLs, other networks: at once.
-        assert_eq!(pacing.reserve(ip("10.77.100.1"), 2, now, false), now);
-        assert_eq!(pacing.reserve(ip("10.78.100.1"), 1, now, false), now);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 2, now, false, far), now);
+        assert_eq!(pacing.reserve(ip("10.78.100.1"), 1, now, false, far), now);
         // A slot in the past is not kept: the schedule restarts from now.
         let later = now + Duration::from_secs(30);
-        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, later, false), later);
+        assert_eq!(
+            pacing.reserve(ip("10.77.100.1"), 1, later, false, far),
+            later
+        );
         // After the hold without new silence, the router is no longer paced.
         let free = now + limits.hold + Duration::from_secs(1);
-        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, free, false), free);
+        assert_eq!(pacing.reserve(ip("10.77.100.1"), 1, free, false, far), free);
         assert_eq!(pacing.limited_routers(), 0);
     }
 
@@ -254,14 +278,17 @@ mod tests {
         let limits = RouterLimits::default();
         let pacing = RouterPacing::new(limits);
         let now = Instant::now();
+        let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
         pacing.silent(ip("10.77.100.5"), 1, now);
         assert_eq!(pacing.limited_routers(), 0);
         let dst = ip("10.77.100.6");
-        let retries: Vec<Instant> = (0..3).map(|_| pacing.reserve(dst, 1, now, true)).collect();
+        let retries: Vec<Instant> = (0..3)
+            .map(|_| pacing.reserve(dst, 1, now, true, far))
+            .collect();
         let step = limits.interval_v4;
         assert_eq!(retries, [now, now + step, now + step * 2]);
-        assert_eq!(pacing.reserve(dst, 1, now, false), now);
+        assert_eq!(pacing.reserve(dst, 1, now, false, far), now);
     }
 
     #[test]
@@ -285,12 +312,47 @@ mod tests {
         let limits = RouterLimits::default();
         let pacing = RouterPacing::new(limits);
         let now = Instant::now();
+        let far = now + DAY;
         pacing.learn(ip("fd77:100::5"), 3, ip("fd77:3::2"));
         for _ in 0..3 {
             pacing.silent(ip("fd77:100::9"), 3, now);
         }
-        let first = pacing.reserve(ip("fd77:100::1"), 3, now, false);
-        let second = pacing.reserve(ip("fd77:100::2"), 3, now, false);
+        let first = pacing.reserve(ip("fd77:100::1"), 3, now, false, far);
+        let second = pacing.reserve(ip("fd77:100::2"), 3, now, false, far);
         assert_eq!((first, second), (now, now + limits.interval_v6));
+    }
+
+    #[test]
+    fn a_probe_is_not_held_past_what_its_trace_can_wait() {
+        let limits = RouterLimits::default();
+        let pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        let far = now + DAY;
+        pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
+        for _ in 0..3 {
+            pacing.silent(ip("10.77.100.9"), 1, now);
+        }
+        let step = limits.interval_v4;
+        // Five traces book the limited first hop's next five seconds.
+        for i in 0..5u32 {
+            assert_eq!(
+                pacing.reserve(ip("10.77.100.1"), 1, now, false, far),
+                now + step * i
+            );
+        }
+        // One that must be sent within 2 s goes at once and takes no turn...
+        let soon = now + step * 2;
+        assert_eq!(pacing.reserve(ip("10.77.100.2"), 1, now, false, soon), now);
+        // ...so the next trace that can wait still gets the sixth second.
+        assert_eq!(
+            pacing.reserve(ip("10.77.100.3"), 1, now, false, far),
+            now + step * 5
+        );
+        // A turn exactly at `latest` is still taken.
+        let sixth = now + step * 6;
+        assert_eq!(
+            pacing.reserve(ip("10.77.100.4"), 1, now, true, sixth),
+            sixth
+        );
     }
 }

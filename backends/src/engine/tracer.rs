@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
@@ -26,6 +26,8 @@ pub const UDP_DPORT: u16 = 33435;
 /// scamper's default destination port for TCP traces (`trace -P tcp` uses the same base port
 /// as UDP unless told otherwise), so both backends probe the same flow.
 pub const TCP_DPORT: u16 = 33435;
+/// The deadline of a trace asked for one too far away for an `Instant`: a year.
+const NO_DEADLINE: Duration = Duration::from_secs(365 * 86_400);
 
 /// How the engine probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +62,13 @@ pub struct EngineStats {
     pub probes_lost: u64,
     /// Replies delivered to a running trace.
     pub replies: u64,
+    /// Replies to a probe its trace already has an answer for (or to an attempt it never
+    /// sent): one answer per probe counts, the others are dropped here.
+    pub duplicates: u64,
     /// Packets read that are not replies to our probes (failed to decode or to authenticate).
+    /// A late reply to an earlier trace of a flow that a later trace runs now (the same
+    /// destination and ports, as with a fixed `--source-port`) fails the later trace's tag and
+    /// counts here too.
     pub strays: u64,
     /// Replies shaped like ours for a flow no trace is running (arrived after their trace
     /// ended, or another prober's); they cannot be authenticated, so they are not checked.
@@ -128,6 +136,7 @@ impl Engine {
             replies: c.replies.load(Ordering::Relaxed),
             strays: c.strays.load(Ordering::Relaxed),
             late: c.late.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
             kernel_drops: c
                 .kernel_drops
                 .iter()
@@ -183,7 +192,10 @@ impl Engine {
             },
             source_port: request.source_port,
             machine,
-            deadline: Instant::now() + deadline,
+            // A deadline past what `Instant` holds is as good as none.
+            deadline: Instant::now()
+                .checked_add(deadline)
+                .unwrap_or_else(|| Instant::now() + NO_DEADLINE),
             done,
         });
         match finished.await {

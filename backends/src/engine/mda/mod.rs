@@ -34,7 +34,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::paris::Answer;
-use super::{Kind, MAX_ATTEMPT, MAX_TTL, ProbeId, Reply};
+use super::{Kind, MAX_ATTEMPT, MAX_PROBES, MAX_TTL, MAX_WAIT, ProbeId, Reply};
 pub use crate::Confidence;
 
 #[cfg(test)]
@@ -79,11 +79,11 @@ pub struct MdaConfig {
     pub max_ttl: u8,
     /// Probes per (flow, TTL), 1..=`MAX_ATTEMPT + 1`.
     pub attempts: u8,
-    /// How long to wait for the answer to one probe.
+    /// How long to wait for the answer to one probe, at most [`MAX_WAIT`].
     pub wait: Duration,
     /// Consecutive silent TTLs that end a branch.
     pub gap_limit: u8,
-    /// Probes the trace may send in all.
+    /// Probes the trace may send in all, at most [`MAX_PROBES`].
     pub max_probes: u32,
 }
 
@@ -94,7 +94,8 @@ impl MdaConfig {
             max_ttl: self.max_ttl.clamp(1, MAX_TTL),
             attempts: self.attempts.clamp(1, MAX_ATTEMPT + 1),
             gap_limit: self.gap_limit.max(1),
-            max_probes: self.max_probes.max(1),
+            max_probes: self.max_probes.clamp(1, MAX_PROBES),
+            wait: self.wait.min(MAX_WAIT),
             ..self
         }
     }

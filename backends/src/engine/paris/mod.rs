@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Kind, MAX_ATTEMPT, MAX_TTL, ProbeId, Reply};
+use super::{Kind, MAX_ATTEMPT, MAX_TTL, MAX_WAIT, ProbeId, Reply};
 
 /// How one Paris trace probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub struct ParisConfig {
     pub max_ttl: u8,
     /// Probes per TTL, 1..=`MAX_ATTEMPT + 1`.
     pub attempts: u8,
-    /// How long to wait for the answer to one probe.
+    /// How long to wait for the answer to one probe, at most [`MAX_WAIT`].
     pub wait: Duration,
     /// Consecutive silent TTLs that end a trace; also the probing window.
     pub gap_limit: u8,
@@ -38,7 +38,7 @@ impl ParisConfig {
         Self {
             max_ttl: self.max_ttl.clamp(1, MAX_TTL),
             attempts: self.attempts.clamp(1, MAX_ATTEMPT + 1),
-            wait: self.wait,
+            wait: self.wait.min(MAX_WAIT),
             gap_limit: self.gap_limit.max(1),
         }
     }
