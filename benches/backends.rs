@@ -5,7 +5,7 @@
 //! `cargo bench --bench backends` (needs root: it builds network namespaces). `BENCH_TRACES`
 //! (default 10000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds,
 //! `BENCH_SYSTEMS` (comma-separated: list, daemon, process, engine, ceiling; default all) which
-//! systems run, `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight,
+//! systems run (`engine` is both engine rows; `engine-budget` or `engine-free` one of them), `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight,
 //! `BENCH_WORKERS` (default: one per CPU, as `hoptrace serve`) the tokio worker threads. The
 //! method and the results are in BENCHMARKS.md.
 //!
@@ -113,6 +113,22 @@ impl System {
         }
     }
 
+    /// A word that selects this row alone, for a system with several rows.
+    fn row_word(self) -> Option<&'static str> {
+        match self {
+            System::Engine(0) => Some("engine-free"),
+            System::Engine(_) => Some("engine-budget"),
+            _ => None,
+        }
+    }
+
+    /// Whether one of `words` selects this system.
+    fn chosen(self, words: &[&str]) -> bool {
+        words
+            .iter()
+            .any(|w| *w == self.word() || Some(*w) == self.row_word())
+    }
+
     /// Every system, in the order of round 0 (later rounds rotate it).
     fn all() -> Vec<System> {
         let mut systems = vec![System::List];
@@ -131,13 +147,14 @@ impl System {
         let words: Vec<&str> = words.split(',').map(str::trim).collect();
         for word in &words {
             assert!(
-                System::all().iter().any(|s| s.word() == *word),
-                "BENCH_SYSTEMS: unknown system {word:?} (list, daemon, process, engine, ceiling)"
+                System::all().iter().any(|s| s.chosen(&[word])),
+                "BENCH_SYSTEMS: unknown system {word:?} (list, daemon, process, engine, \
+                 engine-budget, engine-free, ceiling)"
             );
         }
         System::all()
             .into_iter()
-            .filter(|s| words.contains(&s.word()))
+            .filter(|s| s.chosen(&words))
             .collect()
     }
 }
@@ -309,7 +326,7 @@ fn measure(
 fn describe(system: System, sample: &Sample) -> String {
     let cpu = sample.total_cpu();
     let mut line = format!(
-        "{}: {} traces in {:.3} s ({:.0}/s), CPU {:.0} µs user + {:.0} µs system per trace, \
+        "{}: {} traces in {:.3} s ({:.0}/s), CPU {:.1} µs user + {:.1} µs system per trace, \
          {} failed",
         system.label(),
         sample.traces,
