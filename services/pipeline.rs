@@ -17,9 +17,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use hoptrace_backends::{Limits, Method, TraceError, TraceRequest, Tracer};
+use hoptrace_backends::{Limits, Method, TraceError, TraceOutput, TraceRequest, Tracer};
 use tokio::{
-    sync::{Semaphore, oneshot, watch},
+    sync::{RwLock, Semaphore, oneshot, watch},
     time::Instant,
 };
 
@@ -187,6 +187,10 @@ pub struct Pipeline {
     config: PipelineConfig,
     scheduler: Scheduler<Job>,
     cached_writes: Arc<Semaphore>,
+    /// Held (shared) by every finished trace while its file is written and its requesters
+    /// answered, in a task of its own that the shutdown grace does not cancel; shutdown takes
+    /// it exclusively to wait for them.
+    finishing: Arc<RwLock<()>>,
     on_demand_seq: AtomicU64,
 }
 
@@ -219,6 +223,7 @@ impl Pipeline {
             hub,
             metrics: Arc::clone(&metrics),
             cached_writes: Arc::new(Semaphore::new(config.cached_writes.max(1))),
+            finishing: Arc::new(RwLock::new(())),
             config,
             scheduler,
             on_demand_seq: AtomicU64::new(0),
@@ -229,6 +234,18 @@ impl Pipeline {
     /// The backend's name.
     pub fn backend(&self) -> &'static str {
         self.tracer.name()
+    }
+
+    /// At shutdown, after the workers have stopped: waits for the finished traces still being
+    /// written and answered, then for the cached copies being written, and refuses new ones
+    /// (their requesters get [`PipelineError::Aborted`]).
+    pub async fn drain(&self) {
+        drop(self.finishing.write().await);
+        let all = u32::try_from(self.config.cached_writes.max(1)).unwrap_or(u32::MAX);
+        if let Ok(permits) = self.cached_writes.acquire_many(all).await {
+            self.cached_writes.close();
+            drop(permits);
+        }
     }
 
     /// Stops the backend's background work (a daemon), after the workers have stopped.
@@ -382,16 +399,25 @@ impl Pipeline {
                 };
                 match self.scheduler.try_submit(Job { flight }) {
                     Ok(()) => Ok(Disposition::Scheduled),
-                    Err(mut job) => {
-                        let owner = job.flight.take_owner();
+                    Err(mut refused) => {
+                        let owner = refused.job.flight.take_owner();
                         let waiters = self.cache.abandon(dst);
-                        let why = Refusal::QueueFull;
-                        let error = PipelineError::Refused { dst, why };
+                        // Shutting down: aborted, as the queued jobs are; else shed.
+                        let (outcome, reason, error) = if refused.stopped {
+                            ("aborted", None, PipelineError::Aborted)
+                        } else {
+                            let why = Refusal::QueueFull;
+                            (
+                                "refused",
+                                Some(why.label()),
+                                PipelineError::Refused { dst, why },
+                            )
+                        };
                         // The owner is answered through the returned error.
-                        self.metrics.terminal("refused", Some(why.label()), 1);
+                        self.metrics
+                            .terminal(outcome, reason, 1 + waiters.len() as u64);
                         drop(owner);
                         for w in waiters {
-                            self.metrics.terminal("refused", Some(why.label()), 1);
                             w.answer(Err(error.clone()));
                         }
                         Err(error)
@@ -421,6 +447,7 @@ impl Pipeline {
     /// the bounded write permits (the caller waits for a permit, not for the write).
     async fn spawn_cached_copy(self: &Arc<Self>, original: Arc<TraceRecord>, requester: Requester) {
         let Ok(permit) = Arc::clone(&self.cached_writes).acquire_owned().await else {
+            self.metrics.terminal("aborted", None, 1);
             requester.answer(Err(PipelineError::Aborted));
             return;
         };
@@ -517,6 +544,23 @@ impl Pipeline {
             Ok(output) => output,
             Err(e) => return self.trace_failed(dst, owner, e),
         };
+        // The trace is done: its file, record and answers must not be lost to the shutdown
+        // grace cancelling this task (the file would be written and nobody told), so they
+        // run in a task of their own, which shutdown waits for. (Taken without an await, so
+        // there is no point where this task could be cancelled holding the owner; only the
+        // shutdown takes the lock exclusively, after every worker has ended.)
+        let gate = Arc::clone(&self.finishing).try_read_owned().ok();
+        let pipeline = Arc::clone(&self);
+        let finish = tokio::spawn(async move {
+            pipeline.finish(dst, owner, output).await;
+            drop(gate);
+        });
+        let _ = finish.await;
+    }
+
+    /// Writes the file of a finished trace, publishes and caches its record, answers its
+    /// owner and writes the waiters' cached copies.
+    async fn finish(self: Arc<Self>, dst: IpAddr, owner: Requester, output: TraceOutput) {
         let store = Arc::clone(&self.store);
         let id = owner.id.clone();
         let lines = output.lines;

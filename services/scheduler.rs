@@ -79,9 +79,17 @@ pub fn scheduler<J>(
     )
 }
 
+/// A job the queue did not take, handed back.
+#[derive(Debug)]
+pub struct Refused<J> {
+    pub job: J,
+    /// The scheduler stopped (shutdown), rather than the queue being full.
+    pub stopped: bool,
+}
+
 impl<J> Scheduler<J> {
-    /// Queues `job`, or hands it back when the queue is full (or the scheduler stopped).
-    pub fn try_submit(&self, job: J) -> Result<(), J> {
+    /// Queues `job`, or hands it back when the queue is full or the scheduler stopped.
+    pub fn try_submit(&self, job: J) -> Result<(), Refused<J>> {
         self.tx
             .try_send(Queued {
                 job,
@@ -90,7 +98,13 @@ impl<J> Scheduler<J> {
             .map(|()| {
                 self.metrics.depth.inc();
             })
-            .map_err(|e| e.into_inner().job)
+            .map_err(|e| {
+                let stopped = matches!(e, mpsc::error::TrySendError::Closed(_));
+                Refused {
+                    job: e.into_inner().job,
+                    stopped,
+                }
+            })
     }
 
     /// (waiting, queue capacity, running, concurrency).
@@ -208,7 +222,8 @@ mod tests {
         }
         let refused = scheduler.try_submit(Job(99, Arc::clone(&ended)));
         let back = refused.expect_err("the queue is full");
-        assert_eq!(back.0, 99, "the job comes back to be shed");
+        assert!(!back.stopped);
+        assert_eq!(back.job.0, 99, "the job comes back to be shed");
         drop(back);
         assert_eq!(scheduler.state().0, 3);
         assert_eq!(scheduler.metrics.depth.get(), 3);
@@ -293,6 +308,7 @@ mod tests {
         assert_eq!(scheduler.state(), (0, 8, 0, 1));
         assert_eq!(scheduler.metrics.depth.get(), 0);
         let late = Arc::new(Mutex::new(Vec::new()));
-        assert!(scheduler.try_submit(Job(7, late)).is_err(), "stopped");
+        let refused = scheduler.try_submit(Job(7, late)).expect_err("stopped");
+        assert!(refused.stopped, "told apart from a full queue");
     }
 }

@@ -67,6 +67,8 @@ pub struct Running {
     /// The pipeline (for tests and status).
     pub pipeline: Arc<Pipeline>,
     stop: watch::Sender<bool>,
+    /// Turns true once every accepted trace has settled: then subscriptions end.
+    drained: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     workers: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
@@ -202,6 +204,7 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
         })?;
 
     let (stop, stopped) = watch::channel(false);
+    let (drained, drained_rx) = watch::channel(false);
     let workers = tokio::spawn(Arc::clone(&pipeline).run_workers(
         queue,
         stopped.clone(),
@@ -303,7 +306,7 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
     .max_encoding_message_size(MAX_RESPONSE_BYTES);
 
     let grpc = {
-        let mut stopped = stopped.clone();
+        let mut drained = drained_rx;
         let hub = Arc::clone(&hub);
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -324,9 +327,10 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
                 .serve_with_incoming_shutdown(
                     TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
                     async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                        // Subscriptions never end on their own: end them so the server's
-                        // graceful shutdown can finish.
+                        // Serving on until the traces of the shutdown grace are published,
+                        // so subscribers get them; subscriptions never end on their own: end
+                        // them so the server's graceful shutdown can finish.
+                        let _ = drained.wait_for(|d| *d).await;
                         hub.close();
                     },
                 ),
@@ -338,6 +342,7 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
         admin_addr,
         pipeline,
         stop,
+        drained,
         grpc,
         workers,
         tasks,
@@ -378,11 +383,14 @@ async fn serve_admin(
 }
 
 impl Running {
-    /// Stops the service: no new requests, subscriptions ended, queued traces aborted,
-    /// running traces given the shutdown grace, then stopped.
+    /// Stops the service: queued traces and new requests aborted, running traces given the
+    /// shutdown grace (then stopped), their records and cached copies published; then the
+    /// subscriptions end and the API stops.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.workers.await;
+        self.pipeline.drain().await;
+        let _ = self.drained.send(true);
         self.pipeline.shutdown_backend().await;
         let mut grpc = self.grpc;
         match tokio::time::timeout(Duration::from_secs(5), &mut grpc).await {

@@ -414,6 +414,143 @@ async fn shutdown_aborts_queued_and_running_traces_and_counts_them() {
     );
 }
 
+/// A scamper in `dir` that takes 1 s, then prints a recorded trace; its path.
+fn slow_scamper(dir: &std::path::Path) -> String {
+    let slow = dir.join("slow-scamper");
+    let script = format!("#!/bin/sh\nsleep 1\nexec {}\n", fake_scamper("replay", dir));
+    std::fs::write(&slow, script).expect("write the slow scamper");
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    slow.to_str().expect("utf-8").to_owned()
+}
+
+/// A trace that finishes during the shutdown grace is written, counted and streamed to the
+/// subscribers before their streams end; a request that arrives during the grace is aborted
+/// (not counted as a full queue).
+#[tokio::test]
+async fn records_of_the_shutdown_grace_reach_subscribers_before_streams_end() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let slow = slow_scamper(tools.path());
+    let mut s = server::start(&[
+        "--scamper-bin",
+        &slow,
+        "--allow-private",
+        "--shutdown-grace",
+        "10s",
+    ])
+    .await;
+    let mut stream = s
+        .client
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect("subscribed")
+        .into_inner();
+    s.wait_status(std::time::Duration::from_secs(10), |st| st.subscribers == 1)
+        .await;
+    let reply = s
+        .client
+        .report_close(event("grace_1_1", "10.77.100.1"))
+        .await
+        .expect("accepted")
+        .into_inner();
+    assert_eq!(reply.disposition, Disposition::Scheduled as i32);
+    s.wait_status(std::time::Duration::from_secs(10), |st| {
+        st.queue.is_some_and(|q| q.running == 1)
+    })
+    .await;
+    let reader = tokio::spawn(async move {
+        let mut records = Vec::new();
+        while let Some(message) = stream.message().await.expect("the stream ends cleanly") {
+            if let Some(proto::subscribe_response::Event::Record(r)) = message.event {
+                records.push(r.uuid);
+            }
+        }
+        records
+    });
+    let mut client = s.client.clone();
+    let pipeline = std::sync::Arc::clone(&s.running.pipeline);
+    let stopping = tokio::spawn(s.stop());
+    // The stop has begun (the trace is still running): a new event is aborted.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let late = client
+        .report_close(event("grace_1_2", "10.77.100.2"))
+        .await
+        .expect_err("aborted during shutdown");
+    assert_eq!(late.code(), Code::Unavailable, "{late:?}");
+    tokio::time::timeout(std::time::Duration::from_secs(15), stopping)
+        .await
+        .expect("stopped in time")
+        .expect("stop task");
+    let records = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+        .await
+        .expect("the stream ended")
+        .expect("reader task");
+    assert_eq!(records, ["grace_1_1"]);
+    assert_eq!(pipeline.metrics().outcome("traced"), 1);
+    assert_eq!(pipeline.metrics().outcome("aborted"), 1);
+    assert_eq!(pipeline.metrics().outcome("refused"), 0);
+}
+
+/// The cached copies of a trace's waiters are written and counted even when the shutdown
+/// grace ends while they are being written: 1 s of tracing, then 5,000 copies (each a
+/// durable file, about 0.7 s of writing against the 0.2 s left of the 1.2 s grace), and every
+/// one of the 5,001 events ends traced or cached, with its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_trace_that_ends_in_the_grace_all_get_their_copies() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let slow = slow_scamper(tools.path());
+    let s = server::start(&[
+        "--scamper-bin",
+        &slow,
+        "--allow-private",
+        "--shutdown-grace",
+        "1200ms",
+    ])
+    .await;
+    let waiters = 5000;
+    let events = (0..=waiters).map(|i| event(&format!("wait_1_{i:016X}"), "10.77.100.1"));
+    let started = std::time::Instant::now();
+    s.client
+        .clone()
+        .report_closes(futures::stream::iter(events.collect::<Vec<_>>()))
+        .await
+        .expect("reported");
+    let pipeline = std::sync::Arc::clone(&s.running.pipeline);
+    let out = s.out();
+    let dir = s.stop().await;
+    let m = pipeline.metrics();
+    eprintln!(
+        "stopped after {:?}: traced {}, cached {}, aborted {}, failed {}",
+        started.elapsed(),
+        m.outcome("traced"),
+        m.outcome("cached"),
+        m.outcome("aborted"),
+        m.outcome("failed")
+    );
+    assert_eq!(m.outcome("traced"), 1);
+    assert_eq!(m.outcome("cached"), waiters);
+    let files = walkdir_count(&out);
+    assert_eq!(files, waiters as usize + 1, "one file per event");
+    drop(dir);
+}
+
+/// Files under `dir`, recursively.
+fn walkdir_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                walkdir_count(&path)
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
 #[tokio::test]
 async fn the_cli_client_talks_to_a_server_and_ends_quietly_on_a_closed_pipe() {
     use std::process::Stdio;
