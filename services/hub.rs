@@ -186,7 +186,10 @@ impl Hub {
         let id = inner.next_subscriber;
         inner.next_subscriber += 1;
         inner.subscribers.insert(id, tx);
-        let last = last.unwrap_or(inner.next_seq - 1);
+        // A cursor past the newest record (a client's own invention) means "from now on":
+        // taken at face value it would skip the next records until their number reached it.
+        let newest = inner.next_seq - 1;
+        let last = last.map_or(newest, |l| l.min(newest));
         let oldest = inner.journal.front().map_or(inner.next_seq, |e| e.seq);
         let missed = oldest.saturating_sub(last + 1);
         let backlog = inner
@@ -426,6 +429,26 @@ mod tests {
         publish(&s, 51);
         let (seqs, _) = collect(&mut slow, 1).await;
         assert_eq!(seqs, [51]);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_past_the_newest_record_subscribes_from_now_on() {
+        let s = setup(16, 100);
+        publish(&s, 1);
+        let mut rx = s.hub.subscribe(
+            Arc::clone(&s.store),
+            Some(Cursor {
+                run: 7,
+                seq: u64::MAX,
+            }),
+            Filter::default(),
+            16,
+        );
+        attached(&s.hub, 1).await;
+        publish(&s, 2);
+        let (seqs, lags) = collect(&mut rx, 1).await;
+        assert_eq!(seqs, [2], "the next record, not silence until seq u64::MAX");
+        assert!(lags.is_empty(), "{lags:?}");
     }
 
     #[tokio::test]

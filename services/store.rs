@@ -231,6 +231,7 @@ impl TraceStore {
         let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
         let temp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
         let target = dir.join(name);
+        let mut renamed = false;
         let result = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
@@ -249,11 +250,17 @@ impl TraceStore {
                 nix::fcntl::RenameFlags::RENAME_NOREPLACE,
             )
             .map_err(|errno| io_err("rename into", &target)(io::Error::from(errno)))?;
+            renamed = true;
             sync_dir(dir)
         })();
         if result.is_err() {
-            // Nothing partial is left behind, whatever failed.
+            // Nothing is left behind, whatever failed: not the temp file, and not a file
+            // under its final name that was reported as not written (an uploader would
+            // archive it, a retry would find it taken).
             let _ = fs::remove_file(&temp);
+            if renamed {
+                let _ = fs::remove_file(&target);
+            }
         }
         result
     }
