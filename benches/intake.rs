@@ -126,6 +126,7 @@ fn stamp_pipeline(
                 failure_ttl: Duration::from_millis(1),
                 capacity: NonZeroUsize::new(1024).expect("non-zero"),
                 max_waiters: 16,
+                max_waiters_total: 16 * 1024,
             },
             queue_capacity: 1024,
             concurrency: 16,

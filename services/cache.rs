@@ -38,6 +38,9 @@ pub struct CacheConfig {
     pub capacity: NonZeroUsize,
     /// Most events that may wait on one running trace.
     pub max_waiters: usize,
+    /// Most events that may wait on all running traces together (each holds its id and
+    /// labels until its trace ends).
+    pub max_waiters_total: usize,
 }
 
 /// What a lookup found. Every variant but `Joined` hands the waiter back.
@@ -52,7 +55,8 @@ pub enum Lookup<V, W> {
     /// Nothing usable: the caller now owns the flight and must end it with
     /// [`IpCache::complete`] or [`IpCache::abandon`].
     Miss(W),
-    /// A trace is running but already has `max_waiters` waiters.
+    /// A trace is running but already has `max_waiters` waiters, or all running traces
+    /// together have `max_waiters_total`.
     TooManyWaiters(W),
 }
 
@@ -72,6 +76,8 @@ struct Entry<V> {
 struct Inner<V, W> {
     done: LruCache<IpAddr, Entry<V>>,
     in_flight: HashMap<IpAddr, Vec<W>>,
+    /// Waiters of every flight.
+    waiting: usize,
 }
 
 /// The cache of trace results by destination, with single flight.
@@ -89,6 +95,7 @@ impl<V: Clone, W> IpCache<V, W> {
             inner: Mutex::new(Inner {
                 done: LruCache::new(config.capacity),
                 in_flight: HashMap::new(),
+                waiting: 0,
             }),
             config,
             counters,
@@ -107,11 +114,13 @@ impl<V: Clone, W> IpCache<V, W> {
         let ip = canonical(ip);
         let now = Instant::now();
         let mut inner = self.lock();
+        let full = inner.waiting >= self.config.max_waiters_total;
         if let Some(waiters) = inner.in_flight.get_mut(&ip) {
-            if waiters.len() >= self.config.max_waiters {
+            if full || waiters.len() >= self.config.max_waiters {
                 return Lookup::TooManyWaiters(waiter);
             }
             waiters.push(waiter);
+            inner.waiting += 1;
             self.counters.waits.inc();
             return Lookup::Joined;
         }
@@ -147,6 +156,7 @@ impl<V: Clone, W> IpCache<V, W> {
         let now = Instant::now();
         let mut inner = self.lock();
         let waiters = inner.in_flight.remove(&ip).unwrap_or_default();
+        inner.waiting -= waiters.len();
         let entry = match result {
             Ok(v) => Some(Entry {
                 done: Done::Ok(v),
@@ -171,10 +181,10 @@ impl<V: Clone, W> IpCache<V, W> {
     /// Ends the flight for `ip` with nothing to remember (aborted, shed, not written); returns
     /// the waiters.
     pub fn abandon(&self, ip: IpAddr) -> Vec<W> {
-        self.lock()
-            .in_flight
-            .remove(&canonical(ip))
-            .unwrap_or_default()
+        let mut inner = self.lock();
+        let waiters = inner.in_flight.remove(&canonical(ip)).unwrap_or_default();
+        inner.waiting -= waiters.len();
+        waiters
     }
 
     /// Drops expired entries; returns how many were removed.
@@ -216,6 +226,7 @@ mod tests {
                 failure_ttl: Duration::from_secs(60),
                 capacity: NonZeroUsize::new(capacity).expect("non-zero"),
                 max_waiters: 3,
+                max_waiters_total: 5,
             },
             CacheCounters::default(),
         )
@@ -303,6 +314,25 @@ mod tests {
         assert_eq!(c.lookup(ip("2.2.2.2"), 4, false), Lookup::TooManyWaiters(4));
         assert_eq!(c.abandon(ip("2.2.2.2")), vec![1, 2, 3]);
         assert_eq!(c.lookup(ip("2.2.2.2"), 5, false), Lookup::Miss(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_bounded_across_all_running_traces() {
+        let c = cache(10);
+        for dst in ["4.4.4.1", "4.4.4.2"] {
+            assert_eq!(c.lookup(ip(dst), 0, false), Lookup::Miss(0));
+        }
+        for w in 1..=3 {
+            assert_eq!(c.lookup(ip("4.4.4.1"), w, false), Lookup::Joined);
+        }
+        for w in 4..=5 {
+            assert_eq!(c.lookup(ip("4.4.4.2"), w, false), Lookup::Joined);
+        }
+        // Five wait in all: the second trace has room for one more, but the total has none.
+        assert_eq!(c.lookup(ip("4.4.4.2"), 6, false), Lookup::TooManyWaiters(6));
+        assert_eq!(c.complete(ip("4.4.4.1"), Ok("x"), true), vec![1, 2, 3]);
+        assert_eq!(c.lookup(ip("4.4.4.2"), 7, false), Lookup::Joined);
+        assert_eq!(c.abandon(ip("4.4.4.2")), vec![4, 5, 7]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -200,6 +200,15 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_CACHE_MAX_WAITERS", default_value_t = 10_000)]
     pub cache_max_waiters: usize,
 
+    /// Most events that may wait on all running traces together; beyond it events for a
+    /// running trace are shed like those of a full queue.
+    #[arg(
+        long,
+        env = "HOPTRACE_CACHE_MAX_WAITERS_TOTAL",
+        default_value_t = 100_000
+    )]
+    pub cache_max_waiters_total: usize,
+
     /// Traces that may wait in the queue; beyond it events are shed.
     #[arg(long, env = "HOPTRACE_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
@@ -261,6 +270,7 @@ impl ServeArgs {
         for (name, value) in [
             ("--cache-capacity", self.cache_capacity),
             ("--cache-max-waiters", self.cache_max_waiters),
+            ("--cache-max-waiters-total", self.cache_max_waiters_total),
             ("--queue-capacity", self.queue_capacity),
             ("--concurrency", self.concurrency),
             ("--retention", self.retention),
@@ -330,6 +340,7 @@ impl ServeArgs {
             failure_ttl: self.cache_failure_ttl,
             capacity: NonZeroUsize::new(self.cache_capacity).unwrap_or(NonZeroUsize::MIN),
             max_waiters: self.cache_max_waiters,
+            max_waiters_total: self.cache_max_waiters_total,
         }
     }
 }

@@ -446,7 +446,17 @@ impl Pipeline {
     /// Writes a cached copy of `original` for `requester` in the background, holding one of
     /// the bounded write permits (the caller waits for a permit, not for the write).
     async fn spawn_cached_copy(self: &Arc<Self>, original: Arc<TraceRecord>, requester: Requester) {
-        let Ok(permit) = Arc::clone(&self.cached_writes).acquire_owned().await else {
+        // Waiting for a permit happens in the caller's future (a gRPC call that its client
+        // may cancel): if it is dropped there, the requester still ends counted, as aborted.
+        let mut waiting = Unanswered {
+            metrics: &self.metrics,
+            requester: Some(requester),
+        };
+        let permit = Arc::clone(&self.cached_writes).acquire_owned().await;
+        let Some(requester) = waiting.requester.take() else {
+            return;
+        };
+        let Ok(permit) = permit else {
             self.metrics.terminal("aborted", None, 1);
             requester.answer(Err(PipelineError::Aborted));
             return;
@@ -614,6 +624,20 @@ impl Pipeline {
             message: e.to_string(),
         };
         self.settle_all(owner, waiters, "failed", Some(e.kind()), error);
+    }
+}
+
+/// A requester not yet answered; dropped so (its future cancelled), it is counted aborted.
+struct Unanswered<'a> {
+    metrics: &'a Metrics,
+    requester: Option<Requester>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.requester.is_some() {
+            self.metrics.terminal("aborted", None, 1);
+        }
     }
 }
 
