@@ -112,6 +112,7 @@ fn stamp_pipeline(
             HubConfig {
                 queue: 1024,
                 retention: 1024,
+                max_subscribers: 64,
             },
             metrics.hub.clone(),
         )),

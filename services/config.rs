@@ -230,6 +230,10 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub subscriber_queue: usize,
 
+    /// Subscriptions open at once; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "HOPTRACE_MAX_SUBSCRIBERS", default_value_t = 64)]
+    pub max_subscribers: usize,
+
     /// Largest gRPC request accepted, in bytes.
     #[arg(long, env = "HOPTRACE_MAX_REQUEST_BYTES", default_value_t = 64 * 1024)]
     pub max_request_bytes: usize,
@@ -275,6 +279,7 @@ impl ServeArgs {
             ("--concurrency", self.concurrency),
             ("--retention", self.retention),
             ("--subscriber-queue", self.subscriber_queue),
+            ("--max-subscribers", self.max_subscribers),
             ("--max-request-bytes", self.max_request_bytes),
             ("--probe-budget", self.probe_budget as usize),
             ("--scamper-window", self.scamper_window),

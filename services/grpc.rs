@@ -292,12 +292,16 @@ impl Hoptrace for HoptraceService {
             backend: Some(r.backend).filter(|b| !b.is_empty()),
             cached: r.cached,
         };
-        let events = self.pipeline.hub().subscribe(
-            Arc::clone(self.pipeline.store()),
-            after,
-            filter,
-            SUBSCRIBER_STREAM_BUFFER,
-        );
+        let events = self
+            .pipeline
+            .hub()
+            .subscribe(
+                Arc::clone(self.pipeline.store()),
+                after,
+                filter,
+                SUBSCRIBER_STREAM_BUFFER,
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let stream = ReceiverStream::new(events).map(|e| Ok(subscription_to_proto(e)));
         Ok(Response::new(Box::pin(stream)))
     }

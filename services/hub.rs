@@ -11,7 +11,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -91,7 +91,14 @@ pub struct HubConfig {
     pub queue: usize,
     /// Records of this run that can be replayed by cursor.
     pub retention: usize,
+    /// Subscriptions open at once; more are refused.
+    pub max_subscribers: usize,
 }
+
+/// A subscription refused: as many are open as the hub allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} subscriptions are open, the most allowed (--max-subscribers)")]
+pub struct TooManySubscribers(pub usize);
 
 /// Counters the hub keeps (shared with the metrics registry).
 #[derive(Debug, Clone, Default)]
@@ -109,7 +116,18 @@ pub struct Hub {
     config: HubConfig,
     inner: Mutex<Inner>,
     closed: AtomicBool,
+    /// Subscriptions open (their tasks running).
+    open: Arc<AtomicUsize>,
     counters: HubCounters,
+}
+
+/// Holds one of the hub's subscription slots while a subscription's task runs.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Hub {
@@ -125,6 +143,7 @@ impl Hub {
                 next_subscriber: 0,
             }),
             closed: AtomicBool::new(false),
+            open: Arc::new(AtomicUsize::new(0)),
             counters,
         }
     }
@@ -203,22 +222,31 @@ impl Hub {
 
     /// Starts a subscription: records after `after` (replayed from the store, then live), or
     /// live records only when `after` is `None`. The returned queue holds at most `capacity`
-    /// events; the subscription ends when the receiver is dropped or the hub closes.
+    /// events; the subscription ends when the receiver is dropped or the hub closes. Refused
+    /// when `max_subscribers` are open.
     pub fn subscribe(
         self: &Arc<Self>,
         store: Arc<TraceStore>,
         after: Option<Cursor>,
         filter: Filter,
         capacity: usize,
-    ) -> mpsc::Receiver<SubscriptionEvent> {
+    ) -> Result<mpsc::Receiver<SubscriptionEvent>, TooManySubscribers> {
+        let max = self.config.max_subscribers.max(1);
+        self.open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(TooManySubscribers)?;
+        let slot = Slot(Arc::clone(&self.open));
         let (out, rx) = mpsc::channel(capacity.max(1));
         let hub = Arc::clone(self);
         tokio::spawn(async move {
             hub.counters.subscribers.inc();
             let _ = hub.run_subscription(store, after, &filter, &out).await;
             hub.counters.subscribers.dec();
+            drop(slot);
         });
-        rx
+        Ok(rx)
     }
 
     /// The subscription loop; returns `Err` when the subscriber has gone away.
@@ -348,7 +376,11 @@ mod tests {
         let store = Arc::new(TraceStore::open(dir.path(), "v").expect("store"));
         let hub = Arc::new(Hub::new(
             7,
-            HubConfig { queue, retention },
+            HubConfig {
+                queue,
+                retention,
+                max_subscribers: 3,
+            },
             HubCounters::default(),
         ));
         Setup {
@@ -402,10 +434,12 @@ mod tests {
         let s = setup(2, 1000);
         let mut slow = s
             .hub
-            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1);
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1)
+            .expect("subscribed");
         let mut fast = s
             .hub
-            .subscribe(Arc::clone(&s.store), None, Filter::default(), 100);
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 100)
+            .expect("subscribed");
         attached(&s.hub, 2).await;
         // 50 records while nobody reads: publishing never waits on a subscriber.
         for n in 1..=50 {
@@ -432,18 +466,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn subscriptions_beyond_the_limit_are_refused_until_one_ends() {
+        let s = setup(16, 100);
+        let open: Vec<_> = (0..3)
+            .map(|_| {
+                s.hub
+                    .subscribe(Arc::clone(&s.store), None, Filter::default(), 4)
+                    .expect("within the limit")
+            })
+            .collect();
+        attached(&s.hub, 3).await;
+        let refused = s
+            .hub
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 4)
+            .expect_err("a fourth is refused");
+        assert_eq!(refused, TooManySubscribers(3));
+        drop(open);
+        // A subscription whose receiver is gone ends at once, and frees its slot.
+        for _ in 0..1000 {
+            if s.hub
+                .subscribe(Arc::clone(&s.store), None, Filter::default(), 4)
+                .is_ok()
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("no slot freed after the subscribers left");
+    }
+
+    #[tokio::test]
     async fn a_cursor_past_the_newest_record_subscribes_from_now_on() {
         let s = setup(16, 100);
         publish(&s, 1);
-        let mut rx = s.hub.subscribe(
-            Arc::clone(&s.store),
-            Some(Cursor {
-                run: 7,
-                seq: u64::MAX,
-            }),
-            Filter::default(),
-            16,
-        );
+        let mut rx = s
+            .hub
+            .subscribe(
+                Arc::clone(&s.store),
+                Some(Cursor {
+                    run: 7,
+                    seq: u64::MAX,
+                }),
+                Filter::default(),
+                16,
+            )
+            .expect("subscribed");
         attached(&s.hub, 1).await;
         publish(&s, 2);
         let (seqs, lags) = collect(&mut rx, 1).await;
@@ -456,7 +523,8 @@ mod tests {
         let s = setup(2, 10);
         let mut slow = s
             .hub
-            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1);
+            .subscribe(Arc::clone(&s.store), None, Filter::default(), 1)
+            .expect("subscribed");
         attached(&s.hub, 1).await;
         for n in 1..=30 {
             publish(&s, n);
@@ -485,7 +553,8 @@ mod tests {
         let after = Some(Cursor { run: 7, seq: 2 });
         let mut resumed = s
             .hub
-            .subscribe(Arc::clone(&s.store), after, Filter::default(), 16);
+            .subscribe(Arc::clone(&s.store), after, Filter::default(), 16)
+            .expect("subscribed");
         let (seqs, lags) = collect(&mut resumed, 3).await;
         assert_eq!(seqs, [3, 4, 5]);
         assert!(lags.is_empty());
@@ -494,12 +563,15 @@ mod tests {
             backend: Some("engine".into()),
             ..Filter::default()
         };
-        let mut filtered = s.hub.subscribe(
-            Arc::clone(&s.store),
-            Some(Cursor { run: 7, seq: 0 }),
-            none,
-            16,
-        );
+        let mut filtered = s
+            .hub
+            .subscribe(
+                Arc::clone(&s.store),
+                Some(Cursor { run: 7, seq: 0 }),
+                none,
+                16,
+            )
+            .expect("subscribed");
         attached(&s.hub, 2).await;
         publish(&s, 6);
         assert!(
@@ -512,7 +584,8 @@ mod tests {
         let foreign = Some(Cursor { run: 6, seq: 99 });
         let mut rx = s
             .hub
-            .subscribe(Arc::clone(&s.store), foreign, Filter::default(), 16);
+            .subscribe(Arc::clone(&s.store), foreign, Filter::default(), 16)
+            .expect("subscribed");
         let first = rx.recv().await.expect("event");
         assert!(
             matches!(first, SubscriptionEvent::Lag(ref l) if l.reason.contains("earlier run")),

@@ -154,6 +154,7 @@ pub async fn start_opened(args: ServeArgs, opened: Opened) -> Result<Running, St
         HubConfig {
             queue: args.subscriber_queue,
             retention: args.retention,
+            max_subscribers: args.max_subscribers,
         },
         metrics.hub.clone(),
     ));

@@ -552,6 +552,31 @@ fn walkdir_count(dir: &std::path::Path) -> usize {
 }
 
 #[tokio::test]
+async fn subscriptions_beyond_max_subscribers_are_refused() {
+    let mut s = server::start(&[
+        "--scamper-bin",
+        "/nonexistent/scamper",
+        "--max-subscribers",
+        "1",
+    ])
+    .await;
+    let first = s
+        .client
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect("the first is served");
+    let second = s
+        .client
+        .subscribe(proto::SubscribeRequest::default())
+        .await
+        .expect_err("the second is refused");
+    assert_eq!(second.code(), Code::ResourceExhausted, "{second:?}");
+    assert!(second.message().contains("--max-subscribers"), "{second:?}");
+    drop(first);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn the_cli_client_talks_to_a_server_and_ends_quietly_on_a_closed_pipe() {
     use std::process::Stdio;
     let s = server::start(&["--scamper-bin", "/nonexistent/scamper"]).await;
