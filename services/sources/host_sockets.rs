@@ -64,22 +64,33 @@ pub struct Destroyed {
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 
-/// Whether a datagram ends a dump (`NLMSG_DONE`, or an error).
-pub fn ends_dump(bytes: &[u8]) -> bool {
+/// How a datagram ends a dump, if it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpEnd {
+    /// `NLMSG_DONE`: every socket was listed.
+    Done,
+    /// `NLMSG_ERROR`: the dump stopped part way; what it listed is not the whole set.
+    Failed,
+}
+
+/// Whether a datagram ends a dump, and how.
+pub fn dump_end(bytes: &[u8]) -> Option<DumpEnd> {
     let mut at = 0;
-    while bytes.len() - at >= NLMSG_HDR {
+    while at + NLMSG_HDR <= bytes.len() {
         let h = &bytes[at..];
         let len = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let kind = u16::from_ne_bytes([h[4], h[5]]);
-        if kind == NLMSG_DONE || kind == NLMSG_ERROR {
-            return true;
+        match kind {
+            NLMSG_DONE => return Some(DumpEnd::Done),
+            NLMSG_ERROR => return Some(DumpEnd::Failed),
+            _ => {}
         }
         if len < NLMSG_HDR || len > h.len() {
-            return false;
+            return None;
         }
         at += (len + 3) & !3;
     }
-    false
+    None
 }
 
 /// A dump request (`inet_diag_req_v2`) for the connected TCP sockets of one family.
@@ -106,7 +117,7 @@ fn dump_request(family: u8, seq: u32) -> Vec<u8> {
 pub fn parse_datagram(bytes: &[u8]) -> Vec<Destroyed> {
     let mut found = Vec::new();
     let mut at = 0;
-    while bytes.len() - at >= NLMSG_HDR {
+    while at + NLMSG_HDR <= bytes.len() {
         let header = &bytes[at..];
         let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let kind = u16::from_ne_bytes([header[4], header[5]]);
@@ -166,12 +177,13 @@ pub struct HostSocketsCounters {
 }
 
 /// Every outcome counted for a destroyed socket.
-pub const OUTCOMES: [&str; 5] = [
+pub const OUTCOMES: [&str; 6] = [
     "reported",
     "not_connected",
     "excluded",
     "queue_full",
     "kernel_overflow",
+    "poll_failed",
 ];
 
 /// Why the watcher could not start or went on.
@@ -371,20 +383,43 @@ impl HostSockets {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut known: Option<HashMap<u64, Destroyed>> = None;
                 let mut seq = 0u32;
+                let mut failures = 0u64;
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
                         _ = stop.wait_for(|s| *s) => return Ok(()),
                     }
                     let mut now = HashMap::new();
+                    let mut round = Ok(());
                     for family in [2u8, 10] {
                         seq = seq.wrapping_add(1);
-                        send(
+                        round = send(
                             fd.get_ref().as_raw_fd(),
                             &dump_request(family, seq),
                             MsgFlags::empty(),
-                        )?;
-                        read_dump(&fd, &mut buf, &mut now).await?;
+                        )
+                        .map(drop)
+                        .map_err(WatchError::from);
+                        if round.is_ok() {
+                            round = read_dump(&fd, &mut buf, &mut now).await;
+                        }
+                        if round.is_err() {
+                            break;
+                        }
+                    }
+                    if let Err(e) = round {
+                        // A partial list would report every socket missing from it as
+                        // closed: the round is dropped, the last whole list kept, and the
+                        // next round starts from an empty socket.
+                        self.count("poll_failed");
+                        failures += 1;
+                        if failures.is_power_of_two() {
+                            tracing::warn!(error = %e, failures, "host socket poll failed; trying again");
+                        }
+                        while recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+                            .is_ok_and(|n| n > 0)
+                        {}
+                        continue;
                     }
                     // The first dump is the baseline: only later disappearances are closes.
                     if let Some(before) = known.take() {
@@ -400,7 +435,8 @@ impl HostSockets {
     }
 }
 
-/// Reads one dump's replies into `into` (by cookie), until its end.
+/// Reads one dump's replies into `into` (by cookie), until its end; an error if the dump
+/// failed part way (then `into` is not the whole list).
 async fn read_dump(
     fd: &AsyncFd<OwnedFd>,
     buf: &mut [u8],
@@ -415,8 +451,14 @@ async fn read_dump(
             Ok(n) => {
                 let bytes = &buf[..n];
                 into.extend(parse_datagram(bytes).into_iter().map(|d| (d.cookie, d)));
-                if ends_dump(bytes) {
-                    return Ok(());
+                match dump_end(bytes) {
+                    Some(DumpEnd::Done) => return Ok(()),
+                    Some(DumpEnd::Failed) => {
+                        return Err(
+                            std::io::Error::other("sock_diag dump ended in an error").into()
+                        );
+                    }
+                    None => {}
                 }
             }
             Err(nix::Error::EAGAIN) => ready.clear_ready(),
@@ -561,9 +603,25 @@ mod tests {
         done[0..4].copy_from_slice(&((NLMSG_HDR + 4) as u32).to_ne_bytes());
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
         let socket = message(2, &[1, 2, 3, 4], 1, &[5, 6, 7, 8], 2, 3);
-        assert!(!ends_dump(&socket));
-        assert!(ends_dump(&[socket.clone(), done].concat()));
-        assert!(!ends_dump(&socket[..10]));
+        assert_eq!(dump_end(&socket), None);
+        assert_eq!(
+            dump_end(&[socket.clone(), done.clone()].concat()),
+            Some(DumpEnd::Done)
+        );
+        assert_eq!(dump_end(&socket[..10]), None);
+        let mut error = done;
+        error[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        assert_eq!(
+            dump_end(&[socket.clone(), error].concat()),
+            Some(DumpEnd::Failed),
+            "a failed dump is not a whole list"
+        );
+        // A last message whose length is not a multiple of 4 ends the walk, no overflow.
+        let mut odd = [socket.as_slice(), &[0, 0]].concat();
+        let odd_len = odd.len() as u32;
+        odd[0..4].copy_from_slice(&odd_len.to_ne_bytes());
+        assert_eq!(dump_end(&odd), None);
+        assert_eq!(parse_datagram(&odd).len(), 1);
     }
 
     #[test]
