@@ -124,7 +124,16 @@ pub(crate) async fn run(
     };
 
     let outputs = tokio::time::timeout(deadline, async {
-        let outputs = tokio::join!(drain(stdout, max_stdout), drain(stderr, STDERR_KEEP));
+        let stdout = async {
+            let drained = drain(stdout, max_stdout, Overflow::Stop).await;
+            // Too much output: the program is stopped now, not at the deadline (it would
+            // block on the pipe, or print on until then).
+            if matches!(drained, Ok((_, true))) {
+                group.kill();
+            }
+            drained
+        };
+        let outputs = tokio::join!(stdout, drain(stderr, STDERR_KEEP, Overflow::Discard));
         exited(pid).await;
         outputs
     })
@@ -159,10 +168,21 @@ pub(crate) async fn exited(pid: u32) {
     }
 }
 
-/// Reads `reader` to its end, keeping the first `keep` bytes; also says whether there was more.
+/// What [`drain`] does with bytes past what it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    /// Returns at the first one.
+    Stop,
+    /// Reads on to the end, dropping them (so the writer never blocks).
+    Discard,
+}
+
+/// Reads `reader` to its end (or, with [`Overflow::Stop`], to its first byte past `keep`),
+/// keeping the first `keep` bytes; also says whether there was more.
 async fn drain(
     mut reader: impl AsyncRead + Unpin,
     keep: usize,
+    past: Overflow,
 ) -> std::io::Result<(Vec<u8>, bool)> {
     let mut kept = Vec::new();
     let mut overflow = false;
@@ -175,6 +195,9 @@ async fn drain(
         let room = keep.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..n.min(room)]);
         overflow |= n > room;
+        if overflow && past == Overflow::Stop {
+            return Ok((kept, overflow));
+        }
     }
 }
 
@@ -231,6 +254,23 @@ mod tests {
         .await
         .expect_err("too large");
         assert!(matches!(err, TraceError::OutputTooLarge(1000)), "{err}");
+        // A program that prints without end is stopped at the bound, not at the deadline.
+        let started = std::time::Instant::now();
+        let err = run(
+            OsStr::new("sh"),
+            &sh("cat /dev/zero"),
+            None,
+            Duration::from_secs(20),
+            1000,
+        )
+        .await
+        .expect_err("too large");
+        assert!(matches!(err, TraceError::OutputTooLarge(1000)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

@@ -44,8 +44,8 @@ pub enum ControlError {
 
 /// Longest control line accepted.
 pub const MAX_LINE: usize = 4096;
-/// Largest DATA payload accepted (the ETL's file limit).
-pub const MAX_FRAME: usize = 90_000_000;
+/// Largest DATA payload accepted: what one trace may print in all.
+pub const MAX_FRAME: usize = super::MAX_OUTPUT;
 
 /// Splits the daemon's byte stream into [`Reply`]s.
 #[derive(Debug, Default)]
@@ -67,10 +67,11 @@ impl Decoder {
         Self::default()
     }
 
-    /// Adds bytes read from the connection.
+    /// Adds bytes read from the connection. What was consumed is dropped first, so the buffer
+    /// holds at most one unfinished reply and the new bytes.
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.pos > 0 && self.pos == self.buf.len() {
-            self.buf.clear();
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
             self.pos = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -107,7 +108,14 @@ impl Decoder {
                 id: words.next().and_then(task_id),
             },
             Some("MORE") => Reply::More,
-            Some("ERR") => Reply::Err(line[3..].trim().to_owned()),
+            // After the word, wherever leading (Unicode) whitespace put it.
+            Some("ERR") => Reply::Err(
+                line.trim_start()
+                    .strip_prefix("ERR")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            ),
             Some("DATA") => {
                 let len: usize = words
                     .next()
@@ -243,5 +251,33 @@ mod tests {
         );
         let long = vec![b'x'; MAX_LINE + 2];
         assert_eq!(decode_all(&[&long]), Err(ControlError::LineTooLong));
+        // ERR after whitespace of several bytes: the message, not a panic on a char boundary.
+        assert_eq!(
+            decode_all(&[
+                " \u{2000}ERR no such option\n".as_bytes(),
+                "\u{85}\u{85}ERR\n".as_bytes()
+            ])
+            .expect("decodes")[0],
+            Reply::Err("no such option".into())
+        );
+    }
+
+    #[test]
+    fn consumed_bytes_are_not_kept() {
+        // Reads that each end part way into the next reply, as 64 KiB reads of long output do.
+        let mut d = Decoder::new();
+        let mut frames = 0;
+        for _ in 0..10_000 {
+            d.feed(b"DATA 4\nabc\nDA");
+            while let Some(r) = d.next_reply().expect("decodes") {
+                frames += usize::from(matches!(r, Reply::Data { .. }));
+            }
+            d.feed(b"TA 4\nabc\n");
+            while let Some(r) = d.next_reply().expect("decodes") {
+                frames += usize::from(matches!(r, Reply::Data { .. }));
+            }
+        }
+        assert_eq!(frames, 20_000);
+        assert!(d.buf.len() < 64, "{} bytes kept", d.buf.len());
     }
 }

@@ -405,7 +405,15 @@ pub async fn session(socket: &Path, command: &str) -> Result<TraceOutput, TraceE
                         .map_err(|e| gone(format!("write: {e}")))?;
                     sent_done = true;
                 }
-                Reply::Data { payload, .. } => lines.extend_from_slice(&payload),
+                Reply::Data { payload, .. } => {
+                    // Bounded as a process's output is: the file must stay under the ETL's
+                    // limit, and a daemon printing without end must not take the memory.
+                    let total = lines.len() + payload.len();
+                    if total > super::MAX_OUTPUT {
+                        return Err(TraceError::OutputTooLarge(total));
+                    }
+                    lines.extend_from_slice(&payload);
+                }
                 Reply::Err(message) => return Err(TraceError::Refused(message)),
                 Reply::Unknown(line) => {
                     tracing::debug!(%line, "unknown scamper control line skipped");
@@ -599,6 +607,24 @@ mod tests {
         let (_dir, path, _task) = fake_daemon(steps).await;
         let output = session(&path, COMMAND).await.expect("session");
         assert_eq!(output.lines, LINES);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_printing_more_than_a_file_may_hold_fails_the_trace() {
+        // 1 MB frames without end: the session stops at the process backend's bound.
+        let frame = data(&"x".repeat(1_000_000 - 1), None);
+        let mut steps = vec![
+            Step::Expect("attach format json"),
+            Step::Send(b"OK\nMORE\n".to_vec(), 64),
+            Step::Expect(COMMAND),
+        ];
+        steps.extend((0..100).map(|_| Step::Send(frame.clone(), 1 << 16)));
+        let (_dir, path, _task) = fake_daemon(steps).await;
+        let err = session(&path, COMMAND).await.expect_err("too large");
+        assert!(
+            matches!(err, TraceError::OutputTooLarge(n) if n > super::super::MAX_OUTPUT),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 
 use crate::{Method, NetNs, Probe, TraceError, TraceOutput, TraceRequest, Tracer, process_group};
 
-/// The ETL rejects files over 90,000,000 bytes; scamper's part of a file is bounded below that.
-const MAX_OUTPUT: usize = 89_000_000;
+/// The ETL rejects files over 90,000,000 bytes; scamper's part of a file is bounded below that
+/// (both backends: a process's stdout, the daemon's DATA for one trace).
+pub(crate) const MAX_OUTPUT: usize = 89_000_000;
 
 /// How scamper is started.
 #[derive(Debug, Clone)]
