@@ -85,6 +85,8 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Bytes of the daemon's stderr kept for the reason it died.
 const STDERR_KEEP: usize = 2048;
+/// How long the daemon's stderr may stay open after its group was killed.
+const STDERR_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// The shared-daemon backend.
 #[derive(Debug)]
@@ -345,8 +347,17 @@ impl Supervisor {
         group.killer.kill();
         self.pid.store(0, Ordering::Relaxed);
         let status = group.child.wait().await;
+        // The group is dead, so stderr ends at once, unless a process that left the group
+        // still holds the pipe: then the supervisor must not wait on it (no restart, no
+        // shutdown would follow).
         let stderr = match stderr {
-            Some(task) => task.await.unwrap_or_default(),
+            Some(mut task) => match tokio::time::timeout(STDERR_AFTER_EXIT, &mut task).await {
+                Ok(tail) => tail.unwrap_or_default(),
+                Err(_) => {
+                    task.abort();
+                    "(its stderr stayed open after it was killed)".to_owned()
+                }
+            },
             None => String::new(),
         };
         if !ended {
@@ -368,9 +379,21 @@ pub async fn session(socket: &Path, command: &str) -> Result<TraceOutput, TraceE
     let gone = |what: String| {
         TraceError::DaemonUnavailable(format!("{what} (the daemon exited or is restarting)"))
     };
-    let mut conn = UnixStream::connect(&socket)
-        .await
-        .map_err(|e| gone(format!("{NOT_CONNECTED} to {}: {e}", socket.display())))?;
+    let mut conn = UnixStream::connect(&socket).await.map_err(|e| {
+        // Refused or missing: the daemon is gone (or not up yet), and its successor is worth
+        // waiting for. Anything else (out of descriptors, a full backlog) is this process's
+        // or this moment's trouble, which no restart would end: the trace fails with it.
+        let gone_daemon = matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        );
+        let what = format!("to {}: {e}", socket.display());
+        if gone_daemon {
+            gone(format!("{NOT_CONNECTED} {what}"))
+        } else {
+            TraceError::DaemonUnavailable(format!("could not connect {what}"))
+        }
+    })?;
     conn.write_all(b"attach format json\n")
         .await
         .map_err(|e| gone(format!("write: {e}")))?;
@@ -651,6 +674,37 @@ mod tests {
             let err = session(&path, COMMAND).await.expect_err("fails");
             assert!(matches!(err, TraceError::DaemonUnavailable(_)), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_daemon_whose_stderr_outlives_it_is_still_restarted() {
+        use std::os::unix::fs::PermissionsExt;
+        // It leaves a process in a session of its own holding stderr (for 20 s), then fails
+        // (after the stray has left its group, so killing the group does not reach it).
+        let dir = tempfile_dir::Dir::new();
+        let binary = dir.0.join("scamper");
+        std::fs::write(&binary, "#!/bin/sh\nsetsid sleep 20 &\nsleep 0.2\nexit 1\n")
+            .expect("write");
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let daemon = ScamperDaemon::start(
+            DaemonOptions {
+                binary: binary.clone().into(),
+                backoff: (Duration::from_millis(10), Duration::from_millis(20)),
+                ..DaemonOptions::default()
+            },
+            None,
+        )
+        .expect("supervisor starts");
+        // Each death costs at most the 1 s the supervisor gives the stderr reader (waiting
+        // for the pipe's end, it would restart once in 20 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(6);
+        while daemon.restarts() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(daemon.restarts() >= 2, "restarts: {}", daemon.restarts());
+        tokio::time::timeout(Duration::from_secs(5), daemon.shutdown())
+            .await
+            .expect("shutdown does not wait on the stray process");
     }
 
     #[tokio::test]
