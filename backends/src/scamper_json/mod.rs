@@ -47,7 +47,7 @@
 //! for `linkc == 1`, with `None` for `"*"`, deduplicated (so two silent chains share one
 //! `None → None` link).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use serde_json::{Map, Value};
@@ -510,13 +510,23 @@ fn read_element(
     Ok(Element { addr, derived_ttl })
 }
 
+/// Hops up to which a [`HopTable`] is searched linearly.
+const SCAN_HOPS: usize = 64;
+
+/// A long [`HopTable`]'s index: the slot of each (ttl, addr), and every address.
+type HopIndex = (HashMap<(u8, IpAddr), usize>, HashSet<IpAddr>);
+
 /// Hops keyed by (ttl, addr), each remembering where it first appeared. Also how the engine
 /// builds its summary from its own answers, so both backends group replies the same way.
 #[derive(Default)]
 pub(crate) struct HopTable {
-    /// (order of first appearance, hop). Searched linearly: a trace has tens of hops, and two
-    /// hash tables per trace cost more than the scans (the engine builds one per trace).
+    /// (order of first appearance, hop). Searched linearly while short: a trace has tens of
+    /// hops, and two hash tables per trace cost more than the scans (the engine builds one per
+    /// trace).
     hops: Vec<(usize, Hop)>,
+    /// Past [`SCAN_HOPS`] (a wide multipath trace, or output built to be slow): the slot of
+    /// each (ttl, addr), and the addresses, so neither lookup is a scan.
+    index: Option<HopIndex>,
 }
 
 impl HopTable {
@@ -524,15 +534,22 @@ impl HopTable {
     pub(crate) fn with_capacity(hops: usize) -> Self {
         Self {
             hops: Vec::with_capacity(hops),
+            index: None,
+        }
+    }
+
+    fn slot(&self, ttl: u8, addr: IpAddr) -> Option<usize> {
+        match &self.index {
+            Some((slots, _)) => slots.get(&(ttl, addr)).copied(),
+            None => self
+                .hops
+                .iter()
+                .position(|(_, h)| h.ttl == ttl && h.addr == addr),
         }
     }
 
     fn entry(&mut self, order: usize, ttl: u8, addr: IpAddr, kind: ReplyKind) -> &mut Hop {
-        let slot = match self
-            .hops
-            .iter()
-            .position(|(_, h)| h.ttl == ttl && h.addr == addr)
-        {
+        let slot = match self.slot(ttl, addr) {
             Some(slot) => slot,
             None => {
                 self.hops.push((
@@ -544,7 +561,22 @@ impl HopTable {
                         kind,
                     },
                 ));
-                self.hops.len() - 1
+                let slot = self.hops.len() - 1;
+                match &mut self.index {
+                    Some((slots, addrs)) => {
+                        slots.insert((ttl, addr), slot);
+                        addrs.insert(addr);
+                    }
+                    None if self.hops.len() > SCAN_HOPS => {
+                        let slots = (self.hops.iter().enumerate())
+                            .map(|(i, (_, h))| ((h.ttl, h.addr), i))
+                            .collect();
+                        let addrs = self.hops.iter().map(|(_, h)| h.addr).collect();
+                        self.index = Some((slots, addrs));
+                    }
+                    None => {}
+                }
+                slot
             }
         };
         &mut self.hops[slot].1
@@ -561,7 +593,10 @@ impl HopTable {
     }
 
     fn has_addr(&self, addr: IpAddr) -> bool {
-        self.hops.iter().any(|(_, h)| h.addr == addr)
+        match &self.index {
+            Some((_, addrs)) => addrs.contains(&addr),
+            None => self.hops.iter().any(|(_, h)| h.addr == addr),
+        }
     }
 
     pub(crate) fn finish(mut self) -> Vec<Hop> {

@@ -851,3 +851,38 @@ fn mutated_fixtures_never_panic() {
         }
     }
 }
+
+/// Past the length it scans, the hop table indexes its hops: the same hops, in the same
+/// order, with the same RTTs, and every address found, before and after the index is built.
+#[test]
+fn a_long_hop_table_groups_replies_as_a_short_one() {
+    let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+    let mut table = HopTable::default();
+    // 300 (ttl, addr) pairs, each answering twice, the second round after the index exists.
+    for round in 0..2u32 {
+        for i in 0..300u32 {
+            let ttl = u8::try_from(i % 30 + 1).expect("ttl");
+            let order = usize::try_from(i).expect("order");
+            table.reply(
+                order,
+                ttl,
+                addr(i),
+                f64::from(round),
+                ReplyKind::TimeExceeded,
+            );
+        }
+    }
+    assert!(table.index.is_some(), "indexed past {SCAN_HOPS} hops");
+    assert!((0..300).all(|i| table.has_addr(addr(i))));
+    assert!(!table.has_addr(addr(300)));
+    let hops = table.finish();
+    assert_eq!(hops.len(), 300);
+    assert!(
+        hops.iter().all(|h| h.rtts_ms == [0.0, 1.0]),
+        "both replies on one hop"
+    );
+    let keys: Vec<(u8, IpAddr)> = hops.iter().map(|h| (h.ttl, h.addr)).collect();
+    let mut sorted = keys.clone();
+    sorted.sort_by_key(|&(ttl, a)| (ttl, a));
+    assert_eq!(keys, sorted, "by TTL, then first appearance");
+}
