@@ -137,6 +137,11 @@ fn date_parts(unix: i64) -> (String, String) {
     )
 }
 
+/// How old a temporary file must be to be taken for a crash's leftover.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Day directories searched for leftovers (a crash leaves them where its traces were going).
+const TEMP_DAYS: usize = 3;
+
 /// Writes and reads trace files under one root.
 #[derive(Debug)]
 pub struct TraceStore {
@@ -147,7 +152,8 @@ pub struct TraceStore {
 
 impl TraceStore {
     /// Opens (creating) the root and today's directory, so an uploader can watch them before
-    /// the first trace. `version` goes into every metadata line.
+    /// the first trace, and removes the temporary files a crash left in the newest days.
+    /// `version` goes into every metadata line.
     pub fn open(root: impl Into<PathBuf>, version: impl Into<String>) -> Result<Self, StoreError> {
         let store = Self {
             root: root.into(),
@@ -158,7 +164,40 @@ impl TraceStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         store.ensure_dir(&date_parts(now).0)?;
+        let removed = store.remove_stale_temps();
+        if removed > 0 {
+            tracing::warn!(removed, "removed temporary trace files a crash left behind");
+        }
         Ok(store)
+    }
+
+    /// Removes the temporary files (`.<name>.<pid>.<seq>.tmp`) older than [`STALE_TEMP`] in
+    /// the newest [`TEMP_DAYS`] day directories: writes a crash cut short (a running writer's
+    /// file is seconds old, whichever process it is); returns how many. Best effort: what
+    /// cannot be listed or removed is left.
+    fn remove_stale_temps(&self) -> usize {
+        let mut removed = 0;
+        for day in self.newest_days(TEMP_DAYS).unwrap_or_default() {
+            let Ok(entries) = fs::read_dir(self.root.join(&day)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
+                if name.starts_with('.')
+                    && name.ends_with(".tmp")
+                    && stale
+                    && fs::remove_file(entry.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// The root directory.
@@ -398,6 +437,31 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn opening_removes_a_crash_s_old_temporary_files_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let day = dir.path().join("2026/11/22");
+        fs::create_dir_all(&day).expect("day");
+        let old = day.join(".20261122T000000Z_x.jsonl.4242.0.tmp");
+        let fresh = day.join(".20261122T000001Z_y.jsonl.4243.0.tmp");
+        let trace = day.join("20261122T000002Z_z.jsonl");
+        for path in [&old, &fresh, &trace] {
+            fs::write(path, "x").expect("write");
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for path in [&old, &trace] {
+            File::options()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_modified(two_hours_ago))
+                .expect("age the file");
+        }
+        TraceStore::open(dir.path(), "v").expect("open");
+        assert!(!old.exists(), "a crash's leftover is removed");
+        assert!(fresh.exists(), "a running writer's file is kept");
+        assert!(trace.exists(), "trace files are never touched");
     }
 
     #[test]
