@@ -47,6 +47,19 @@ impl Pacer {
         *tat = Some(free + self.interval * n);
         send_at
     }
+
+    /// Gives back `n` reserved probes that will not be sent (their trace ended first), so
+    /// later reservations are not held back for them; never to before `now`.
+    pub fn refund(&self, n: u32, now: Instant) {
+        if self.interval.is_zero() || n == 0 {
+            return;
+        }
+        let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = *tat {
+            let back = t.checked_sub(self.interval * n).unwrap_or(now);
+            *tat = Some(back.max(now));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +104,21 @@ mod tests {
             diff <= Duration::from_micros(500),
             "{took:?} vs {expected:?}"
         );
+    }
+
+    #[test]
+    fn refunded_probes_free_the_budget_they_held() {
+        let pacer = Pacer::new(1000, 0);
+        let now = Instant::now();
+        // 100 probes book the next 100 ms; a trace that ends gives back the 60 it never sent.
+        assert_eq!(pacer.reserve(100, now), now + Duration::from_millis(99));
+        pacer.refund(60, now);
+        assert_eq!(pacer.reserve(1, now), now + Duration::from_millis(40));
+        // Never to before now: a refund cannot buy a burst beyond the budget's own.
+        pacer.refund(1000, now);
+        assert_eq!(pacer.reserve(1, now), now);
+        // Unlimited: nothing to give back.
+        Pacer::new(0, 0).refund(5, now);
     }
 
     #[test]

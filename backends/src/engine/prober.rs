@@ -720,6 +720,11 @@ impl Prober {
         for flow in &r.flows {
             self.sender.flows.remove(&FlowKey::from(flow));
         }
+        // Probes it booked but never sent (it failed or its caller left) go back to the budget.
+        if !r.pending.is_empty() {
+            let unsent = u32::try_from(r.pending.len()).unwrap_or(u32::MAX);
+            self.sender.pacer.refund(unsent, Instant::now());
+        }
         if self.spare.len() < MAX_SPARE {
             let (mut unsent, mut pending) = (r.unsent, r.pending);
             unsent.clear();
