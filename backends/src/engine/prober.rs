@@ -184,6 +184,39 @@ pub struct Counters {
     pub kernel_drops: [AtomicU32; 4],
     pub router_paced: AtomicU64,
     pub unstamped: AtomicU64,
+    /// Routers the prober's pacing holds limited now.
+    pub limited_routers: AtomicU64,
+}
+
+/// What one batch of packets counted, before it is added to the [`Counters`].
+#[derive(Debug, Default)]
+struct Tally {
+    replies: u64,
+    duplicates: u64,
+    strays: u64,
+    late: u64,
+    unstamped: u64,
+}
+
+impl Tally {
+    fn add_to(&self, counters: &Counters) {
+        add_counts([
+            (&counters.replies, self.replies),
+            (&counters.duplicates, self.duplicates),
+            (&counters.strays, self.strays),
+            (&counters.late, self.late),
+            (&counters.unstamped, self.unstamped),
+        ]);
+    }
+}
+
+/// Adds each count to its counter, touching only those that changed.
+fn add_counts<const N: usize>(counts: [(&AtomicU64, u64); N]) {
+    for (counter, n) in counts {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Jobs waiting for the prober, and the eventfd that wakes it.
@@ -267,18 +300,16 @@ pub struct Shared {
     pub key: ProbeKey,
     pub counters: Counters,
     pub inbox: Inbox,
-    pub routers: Option<RouterPacing>,
 }
 
 impl Shared {
     /// Shared state over `sockets`.
-    pub fn new(sockets: ProbeSockets, routers: Option<RouterPacing>) -> Result<Self, EngineError> {
+    pub fn new(sockets: ProbeSockets) -> Result<Self, EngineError> {
         Ok(Self {
             sockets,
             key: ProbeKey::random(),
             counters: Counters::default(),
             inbox: Inbox::new()?,
-            routers,
         })
     }
 }
@@ -325,6 +356,7 @@ struct Sender {
     shared: Arc<Shared>,
     flows: FlowTable,
     pacer: Pacer,
+    routers: Option<RouterPacing>,
     packet: Vec<u8>,
     next_port: u32,
 }
@@ -369,6 +401,23 @@ impl Sender {
 
     /// Sends the pending probes due at `now`; the time of the next one, if any.
     fn send_due(&mut self, r: &mut Running, now: Instant) -> Result<Option<Instant>, EngineError> {
+        // (queued, lost), added to the counters once.
+        let mut sent = (0, 0);
+        let next = self.send_due_counted(r, now, &mut sent);
+        let counters = &self.shared.counters;
+        add_counts([
+            (&counters.probes_sent, sent.0),
+            (&counters.probes_lost, sent.1),
+        ]);
+        next
+    }
+
+    fn send_due_counted(
+        &mut self,
+        r: &mut Running,
+        now: Instant,
+        (queued_count, lost_count): &mut (u64, u64),
+    ) -> Result<Option<Instant>, EngineError> {
         while let Some(&(at, probe)) = r.pending.last() {
             if at > now {
                 return Ok(Some(at));
@@ -383,13 +432,11 @@ impl Sender {
                 .shared
                 .sockets
                 .send(&flow, &self.packet, encoded.hop_limit)?;
-            let counters = &self.shared.counters;
-            let counter = if queued {
-                &counters.probes_sent
+            if queued {
+                *queued_count += 1;
             } else {
-                &counters.probes_lost
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+                *lost_count += 1;
+            }
             r.probe_size = probe_size(flow.dst, encoded.bytes);
             r.machine.sent(probe, tx);
         }
@@ -455,7 +502,7 @@ impl Sender {
         let latest = r.deadline.checked_sub(r.machine.wait()).unwrap_or(now);
         // Reversed, so that after the stable sort (latest first) equal times pop in order.
         for probe in r.unsent.drain(..).rev() {
-            let at = self.shared.routers.as_ref().map_or(base, |routers| {
+            let at = self.routers.as_mut().map_or(base, |routers| {
                 let retry = probe.id.attempt > 0;
                 if retry {
                     routers.silent(dst, probe.id.ttl, base);
@@ -471,6 +518,13 @@ impl Sender {
             r.pending.push((at, probe));
         }
         r.pending.sort_by_key(|&(at, _)| Reverse(at));
+        if let Some(routers) = &self.routers {
+            let limited = routers.limited_routers() as u64;
+            self.shared
+                .counters
+                .limited_routers
+                .store(limited, Ordering::Relaxed);
+        }
     }
 }
 
@@ -505,7 +559,11 @@ struct Prober {
 
 /// Starts the prober thread over `shared` (its sockets registered with epoll first, so a
 /// failure is returned here).
-pub fn spawn(shared: Arc<Shared>, pacer: Pacer) -> Result<JoinHandle<()>, EngineError> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    pacer: Pacer,
+    routers: Option<RouterPacing>,
+) -> Result<JoinHandle<()>, EngineError> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| EngineError::Io {
         what: "create epoll",
         source: e.into(),
@@ -535,6 +593,7 @@ pub fn spawn(shared: Arc<Shared>, pacer: Pacer) -> Result<JoinHandle<()>, Engine
                     shared,
                     flows: FlowTable::default(),
                     pacer,
+                    routers,
                     packet: Vec::with_capacity(64),
                     next_port: std::process::id() % 1000,
                 },
@@ -763,45 +822,49 @@ impl Prober {
         };
         let shared = &self.sender.shared;
         let flows = &self.sender.flows;
+        let routers = &mut self.sender.routers;
         let traces = &mut self.traces;
         let ready = &mut self.ready;
         // One reading of the clocks per batch, taken when the batch is in: every packet of it
         // was queued before the read returned.
         let mut read_at = None;
+        // Counted here and added once per batch: an atomic add per packet waits for the
+        // packet's stores into its trace (cold memory) to drain.
+        let mut tally = Tally::default();
         let read = reader.read_ready(&shared.sockets, |packet| {
             let rx = arrival(packet.arrived, *read_at.get_or_insert_with(clocks_now));
-            let counters = &shared.counters;
-            let counter = match decode(shared, flows, which, packet) {
+            let count = match decode(shared, flows, which, packet) {
                 // Shaped like ours, for no running trace: late (or another prober's).
-                Err(super::Stray::NoFlow) => &counters.late,
-                Err(_) => &counters.strays,
+                Err(super::Stray::NoFlow) => &mut tally.late,
+                Err(_) => &mut tally.strays,
                 Ok((reply, owner)) => {
                     let running = traces
                         .get_mut(owner.trace)
                         .and_then(Option::as_mut)
                         .map(|r| (owner, r));
                     match running {
-                        None => &counters.late,
+                        None => &mut tally.late,
                         Some((owner, r)) => {
                             if packet.arrived.is_none() {
-                                counters.unstamped.fetch_add(1, Ordering::Relaxed);
+                                tally.unstamped += 1;
                             }
                             if r.machine.on_reply(owner.flow, reply, rx) {
-                                learn(shared.routers.as_ref(), &reply);
+                                learn(routers.as_mut(), &reply);
                                 if !r.ready {
                                     r.ready = true;
                                     ready.push(owner.trace);
                                 }
-                                &counters.replies
+                                &mut tally.replies
                             } else {
-                                &counters.duplicates
+                                &mut tally.duplicates
                             }
                         }
                     }
                 }
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            *count += 1;
         });
+        tally.add_to(&shared.counters);
         shared.counters.kernel_drops[i].store(reader.kernel_drops(), Ordering::Relaxed);
         read.unwrap_or_else(|e| {
             self.receive_failures += 1;
@@ -878,7 +941,7 @@ fn arrival(arrived: Option<Duration>, (mono, wall): (Instant, Duration)) -> Inst
 
 /// Teaches the router pacing who answered an ICMP error (echo replies and TCP answers are not
 /// rate limited).
-fn learn(routers: Option<&RouterPacing>, reply: &Reply) {
+fn learn(routers: Option<&mut RouterPacing>, reply: &Reply) {
     if let Some(routers) = routers
         && matches!(
             reply.kind,

@@ -27,8 +27,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How limited routers are paced.
@@ -54,6 +52,9 @@ impl Default for RouterLimits {
 
 /// Entries of the TTL map before it is cleared and relearned (a few MB at most).
 const MAX_HINTS: usize = 65_536;
+/// How often routers whose `hold` passed are dropped from the silent map (each lookup checks
+/// its router's own `hold` meanwhile, so this bounds only the map's memory and the count).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Silences within `hold` that show a router's limit.
 const SILENCES: u32 = 3;
 
@@ -75,22 +76,19 @@ impl Silent {
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
-    /// (destination prefix, TTL) → the router that answered there last.
-    hints: HashMap<(IpAddr, u8), IpAddr>,
-    silent: HashMap<IpAddr, Silent>,
-}
-
-/// The engine-wide per-router pacing (see the module docs).
+/// The engine-wide per-router pacing (see the module docs). The prober thread owns it: every
+/// reply and every probe passes through it, so it takes no lock.
 #[derive(Debug)]
 pub struct RouterPacing {
     limits: RouterLimits,
-    state: Mutex<State>,
-    /// Routers silent recently (read without the lock on the send path).
-    tracked: AtomicUsize,
+    /// (destination prefix, TTL) → the router that answered there last.
+    hints: HashMap<(IpAddr, u8), IpAddr>,
+    /// Routers silent recently.
+    silent: HashMap<IpAddr, Silent>,
     /// Of those, the limited ones.
-    limited: AtomicUsize,
+    limited: usize,
+    /// When `silent` is next rid of routers forgotten.
+    prune_at: Instant,
 }
 
 impl RouterPacing {
@@ -98,77 +96,80 @@ impl RouterPacing {
     pub fn new(limits: RouterLimits) -> Self {
         Self {
             limits,
-            state: Mutex::new(State::default()),
-            tracked: AtomicUsize::new(0),
-            limited: AtomicUsize::new(0),
+            hints: HashMap::new(),
+            silent: HashMap::new(),
+            limited: 0,
+            prune_at: Instant::now(),
         }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `router` answered a probe to `dst` sent with `ttl`.
-    pub fn learn(&self, dst: IpAddr, ttl: u8, router: IpAddr) {
-        let mut state = self.state();
-        if state.hints.len() >= MAX_HINTS {
-            state.hints.clear();
+    pub fn learn(&mut self, dst: IpAddr, ttl: u8, router: IpAddr) {
+        if self.hints.len() >= MAX_HINTS {
+            self.hints.clear();
         }
-        state.hints.insert((prefix(dst), ttl), router);
+        self.hints.insert((prefix(dst), ttl), router);
     }
 
     /// A probe to `dst` at `ttl` went unanswered: a silence of the router known there.
-    pub fn silent(&self, dst: IpAddr, ttl: u8, now: Instant) {
-        let mut state = self.state();
-        let Some(&router) = state.hints.get(&(prefix(dst), ttl)) else {
+    pub fn silent(&mut self, dst: IpAddr, ttl: u8, now: Instant) {
+        let Some(&router) = self.hints.get(&(prefix(dst), ttl)) else {
             return;
         };
-        if state.silent.len() >= MAX_HINTS {
-            state.silent.clear();
+        if self.silent.len() >= MAX_HINTS {
+            self.silent.clear();
         }
         let hold = self.limits.hold;
-        let entry = state.silent.entry(router).or_insert(Silent {
+        let fresh = Silent {
             count: 0,
             since: now,
             next: now,
             until: now,
-        });
+        };
+        let entry = self.silent.entry(router).or_insert(fresh);
+        // Forgotten already, though not yet pruned: as if new.
+        if entry.until <= now && entry.count > 0 {
+            *entry = fresh;
+        }
         if now.saturating_duration_since(entry.since) > hold {
             (entry.count, entry.since) = (0, now);
         }
         entry.count += 1;
         entry.until = now + hold;
-        self.count(&state);
+        self.count();
     }
 
     /// When a probe to `dst` at `ttl` may be sent (`now` or later); reserves its slot. A
     /// `retry` is paced from the router's first silence, a first probe once it is limited. A
     /// probe whose slot would come after `latest` is not paced: `now`, and no slot is taken.
     pub fn reserve(
-        &self,
+        &mut self,
         dst: IpAddr,
         ttl: u8,
         now: Instant,
         retry: bool,
         latest: Instant,
     ) -> Instant {
-        if self.tracked.load(Ordering::Relaxed) == 0 {
+        if self.silent.is_empty() {
             return now;
         }
-        let mut state = self.state();
-        let before = state.silent.len();
-        state.silent.retain(|_, s| s.until > now);
-        if state.silent.len() != before {
-            self.count(&state);
+        if now >= self.prune_at {
+            self.prune_at = now + PRUNE_EVERY;
+            let before = self.silent.len();
+            self.silent.retain(|_, s| s.until > now);
+            if self.silent.len() != before {
+                self.count();
+            }
         }
-        let Some(&router) = state.hints.get(&(prefix(dst), ttl)) else {
+        let Some(&router) = self.hints.get(&(prefix(dst), ttl)) else {
             return now;
         };
         let interval = self.interval(router);
-        let Some(silent) = state.silent.get_mut(&router) else {
+        let Some(silent) = self.silent.get_mut(&router) else {
             return now;
         };
-        if !(retry || silent.limited()) {
+        // Forgotten already, though not yet pruned.
+        if silent.until <= now || !(retry || silent.limited()) {
             return now;
         }
         let at = silent.next.max(now);
@@ -179,10 +180,8 @@ impl RouterPacing {
         at
     }
 
-    fn count(&self, state: &State) {
-        self.tracked.store(state.silent.len(), Ordering::Relaxed);
-        let limited = state.silent.values().filter(|s| s.limited()).count();
-        self.limited.store(limited, Ordering::Relaxed);
+    fn count(&mut self) {
+        self.limited = self.silent.values().filter(|s| s.limited()).count();
     }
 
     fn interval(&self, router: IpAddr) -> Duration {
@@ -192,9 +191,9 @@ impl RouterPacing {
         }
     }
 
-    /// Routers limited now.
+    /// Routers limited now (as of the last silence or pruning).
     pub fn limited_routers(&self) -> usize {
-        self.limited.load(Ordering::Relaxed)
+        self.limited
     }
 }
 
@@ -225,7 +224,7 @@ mod tests {
 
     #[test]
     fn nothing_waits_until_a_router_shows_its_limit() {
-        let pacing = RouterPacing::new(RouterLimits::default());
+        let mut pacing = RouterPacing::new(RouterLimits::default());
         let now = Instant::now();
         let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
@@ -240,7 +239,7 @@ mod tests {
     #[test]
     fn a_limited_router_gets_one_probe_per_interval_for_the_whole_prefix() {
         let limits = RouterLimits::default();
-        let pacing = RouterPacing::new(limits);
+        let mut pacing = RouterPacing::new(limits);
         let now = Instant::now();
         let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
@@ -276,7 +275,7 @@ mod tests {
     #[test]
     fn retries_are_paced_from_the_first_silence_first_probes_only_once_limited() {
         let limits = RouterLimits::default();
-        let pacing = RouterPacing::new(limits);
+        let mut pacing = RouterPacing::new(limits);
         let now = Instant::now();
         let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
@@ -294,7 +293,7 @@ mod tests {
     #[test]
     fn silences_spread_wider_than_the_hold_are_loss() {
         let limits = RouterLimits::default();
-        let pacing = RouterPacing::new(limits);
+        let mut pacing = RouterPacing::new(limits);
         let now = Instant::now();
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));
         for i in 0..10u32 {
@@ -308,9 +307,43 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_router_is_forgotten_once_its_hold_passes() {
+        let limits = RouterLimits::default();
+        let mut pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        let far = now + DAY;
+        let dst = ip("10.77.100.5");
+        pacing.learn(dst, 1, ip("10.77.1.2"));
+        for _ in 0..3 {
+            pacing.silent(dst, 1, now);
+        }
+        // Booked far ahead: slots past the hold must not outlive it.
+        for _ in 0..100 {
+            pacing.reserve(dst, 1, now, false, far);
+        }
+        // A lookup just before the hold ends prunes nothing: still paced.
+        let before = now + limits.hold - Duration::from_millis(1);
+        assert!(pacing.reserve(dst, 1, before, false, far) > before);
+        assert_eq!(pacing.limited_routers(), 1);
+        // At its end, within a pruning period of that lookup: not paced any more.
+        let later = now + limits.hold;
+        assert_eq!(pacing.reserve(dst, 1, later, false, far), later);
+        assert_eq!(pacing.reserve(dst, 1, later, true, far), later);
+        // Pruned at the first lookup a period later.
+        let pruned = later + PRUNE_EVERY;
+        assert_eq!(pacing.reserve(dst, 1, pruned, false, far), pruned);
+        assert_eq!(pacing.limited_routers(), 0);
+        // A new silence then starts from nothing: one is loss, not a limit, and its retry
+        // goes at once rather than after the slots booked before.
+        pacing.silent(dst, 1, pruned);
+        assert_eq!(pacing.limited_routers(), 0);
+        assert_eq!(pacing.reserve(dst, 1, pruned, true, far), pruned);
+    }
+
+    #[test]
     fn ipv6_routers_are_paced_at_their_own_interval() {
         let limits = RouterLimits::default();
-        let pacing = RouterPacing::new(limits);
+        let mut pacing = RouterPacing::new(limits);
         let now = Instant::now();
         let far = now + DAY;
         pacing.learn(ip("fd77:100::5"), 3, ip("fd77:3::2"));
@@ -325,7 +358,7 @@ mod tests {
     #[test]
     fn a_probe_is_not_held_past_what_its_trace_can_wait() {
         let limits = RouterLimits::default();
-        let pacing = RouterPacing::new(limits);
+        let mut pacing = RouterPacing::new(limits);
         let now = Instant::now();
         let far = now + DAY;
         pacing.learn(ip("10.77.100.5"), 1, ip("10.77.1.2"));

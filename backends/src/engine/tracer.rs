@@ -113,11 +113,12 @@ impl Engine {
         let hostname = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".to_owned());
-        let shared = Arc::new(Shared::new(
-            sockets,
+        let shared = Arc::new(Shared::new(sockets)?);
+        let thread = prober::spawn(
+            Arc::clone(&shared),
+            Pacer::new(options.pps, options.burst),
             options.router_limits.map(RouterPacing::new),
-        )?);
-        let thread = prober::spawn(Arc::clone(&shared), Pacer::new(options.pps, options.burst))?;
+        )?;
         Ok(Self {
             shared,
             hostname: HostName::new(&hostname),
@@ -144,11 +145,7 @@ impl Engine {
                 .sum(),
             router_paced: c.router_paced.load(Ordering::Relaxed),
             unstamped: c.unstamped.load(Ordering::Relaxed),
-            limited_routers: self
-                .shared
-                .routers
-                .as_ref()
-                .map_or(0, |r| r.limited_routers() as u64),
+            limited_routers: c.limited_routers.load(Ordering::Relaxed),
         }
     }
 
