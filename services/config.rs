@@ -91,7 +91,8 @@ pub struct ServeArgs {
     #[arg(long, env = "HOPTRACE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 
-    /// Most traces open on the scamper daemon at once (`scamper-daemon`).
+    /// Most traces open on the scamper daemon at once (`scamper-daemon`); a trace that timed
+    /// out holds its place until scamper ends its task.
     #[arg(long, env = "HOPTRACE_SCAMPER_WINDOW", default_value_t = 128)]
     pub scamper_window: usize,
 

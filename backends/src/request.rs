@@ -141,6 +141,16 @@ impl Default for Limits {
     }
 }
 
+/// How far ahead an instant is taken when the one asked for is past what `Instant` holds: a
+/// year, as good as never for a trace.
+const NEVER: Duration = Duration::from_secs(365 * 86_400);
+
+/// `start + after`, or [`NEVER`] after `start` when that overflows (a deadline may be any
+/// `Duration`).
+pub(crate) fn instant_after(start: std::time::Instant, after: Duration) -> std::time::Instant {
+    start.checked_add(after).unwrap_or(start + NEVER)
+}
+
 /// One trace to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceRequest {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;
@@ -26,8 +26,6 @@ pub const UDP_DPORT: u16 = 33435;
 /// scamper's default destination port for TCP traces (`trace -P tcp` uses the same base port
 /// as UDP unless told otherwise), so both backends probe the same flow.
 pub const TCP_DPORT: u16 = 33435;
-/// The deadline of a trace asked for one too far away for an `Instant`: a year.
-const NO_DEADLINE: Duration = Duration::from_secs(365 * 86_400);
 
 /// How the engine probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,9 +188,7 @@ impl Engine {
             source_port: request.source_port,
             machine,
             // A deadline past what `Instant` holds is as good as none.
-            deadline: Instant::now()
-                .checked_add(deadline)
-                .unwrap_or_else(|| Instant::now() + NO_DEADLINE),
+            deadline: crate::request::instant_after(Instant::now(), deadline),
             done,
         });
         match finished.await {

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
-    sync::{Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
     task::JoinHandle,
     time::Instant,
 };
@@ -196,26 +196,64 @@ impl ScamperDaemon {
         }
     }
 
-    async fn run(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
-        let _slot = self
-            .window
-            .acquire()
+    /// Runs `request` in a session within the window. A slot is held from before the
+    /// command is sent until scamper ends the session (see [`converse_in_window`]), which
+    /// may be after this future is dropped at the trace's deadline; `until` bounds that.
+    async fn run(&self, request: &TraceRequest, until: Instant) -> Result<TraceOutput, TraceError> {
+        let slot = Arc::clone(&self.window)
+            .acquire_owned()
             .await
             .map_err(|_| TraceError::DaemonUnavailable("the daemon was shut down".into()))?;
         let command = command(request);
         let mut generation = self.ready_after(0).await?;
-        loop {
-            match session(&self.socket, &command).await {
+        let conn = loop {
+            match connect(&self.socket).await {
                 // Nothing was sent to a daemon that is gone (it died before the supervisor
                 // noticed): wait for the next one rather than fail. A trace already running
                 // when the daemon dies fails at once instead.
                 Err(TraceError::DaemonUnavailable(why)) if why.starts_with(NOT_CONNECTED) => {
                     generation = self.ready_after(generation).await?;
                 }
-                result => return result,
+                result => break result?,
             }
-        }
+        };
+        converse_in_window(slot, conn, command, until).await
     }
+}
+
+/// Runs the session on `conn` in a task of its own that holds the window's `slot` until
+/// scamper ends the session, or until `until`. A trace dropped at its deadline (its caller's
+/// timeout drops this future) leaves the task running once its command is sent: scamper goes
+/// on with a task it has been given (Debian's build has no `halt`), and the window bounds the
+/// tasks the daemon runs, not the callers waiting. Closing the connection then would free the
+/// slot while scamper still probes, and a burst of timeouts would let the daemon take on more
+/// than the window. A trace dropped before its command was sent sends none.
+async fn converse_in_window(
+    slot: OwnedSemaphorePermit,
+    conn: UnixStream,
+    command: String,
+    until: Instant,
+) -> Result<TraceOutput, TraceError> {
+    let (done, result) = oneshot::channel();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let abandoned = || done.is_closed();
+        let result = tokio::time::timeout_at(until, converse(conn, &command, &abandoned))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!(%command, "scamper session open past twice its deadline: closed");
+                Err(TraceError::DaemonUnavailable(
+                    "the session outlived twice the trace's deadline".into(),
+                ))
+            });
+        // Nobody to tell when the trace was dropped.
+        let _ = done.send(result);
+    });
+    result.await.unwrap_or_else(|_| {
+        Err(TraceError::DaemonUnavailable(
+            "the session task ended without a result".into(),
+        ))
+    })
 }
 
 #[async_trait]
@@ -225,9 +263,14 @@ impl Tracer for ScamperDaemon {
     }
 
     async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
-        // Dropping the session at the deadline closes its connection; Debian's build has no
-        // `halt`, so scamper finishes that task on its own, within its probe budget.
-        match tokio::time::timeout(request.limits.deadline, self.run(request)).await {
+        // At the deadline the caller gets its timeout; a session already sent goes on in the
+        // background, holding its window slot, for at most as long again.
+        let deadline = request.limits.deadline;
+        let until = Instant::from_std(crate::request::instant_after(
+            std::time::Instant::now(),
+            deadline.saturating_mul(2),
+        ));
+        match tokio::time::timeout(deadline, self.run(request, until)).await {
             Ok(result) => result,
             // Out of time while no daemon answered: that, not the trace, is the failure.
             Err(_) => Err(match &*self.state.borrow() {
@@ -376,10 +419,16 @@ impl Supervisor {
 /// the next `MORE`; returns the three lines the daemon wrote. Never sends more commands than
 /// the daemon asked for.
 pub async fn session(socket: &Path, command: &str) -> Result<TraceOutput, TraceError> {
-    let gone = |what: String| {
-        TraceError::DaemonUnavailable(format!("{what} (the daemon exited or is restarting)"))
-    };
-    let mut conn = UnixStream::connect(&socket).await.map_err(|e| {
+    converse(connect(socket).await?, command, &|| false).await
+}
+
+fn gone(what: String) -> TraceError {
+    TraceError::DaemonUnavailable(format!("{what} (the daemon exited or is restarting)"))
+}
+
+/// Connects to the daemon's control socket.
+async fn connect(socket: &Path) -> Result<UnixStream, TraceError> {
+    UnixStream::connect(&socket).await.map_err(|e| {
         // Refused or missing: the daemon is gone (or not up yet), and its successor is worth
         // waiting for. Anything else (out of descriptors, a full backlog) is this process's
         // or this moment's trouble, which no restart would end: the trace fails with it.
@@ -393,7 +442,15 @@ pub async fn session(socket: &Path, command: &str) -> Result<TraceOutput, TraceE
         } else {
             TraceError::DaemonUnavailable(format!("could not connect {what}"))
         }
-    })?;
+    })
+}
+
+/// The session on `conn` (see [`session`]); sends no command once `abandoned` says so.
+async fn converse(
+    mut conn: UnixStream,
+    command: &str,
+    abandoned: &(dyn Fn() -> bool + Sync),
+) -> Result<TraceOutput, TraceError> {
     conn.write_all(b"attach format json\n")
         .await
         .map_err(|e| gone(format!("write: {e}")))?;
@@ -417,6 +474,11 @@ pub async fn session(socket: &Path, command: &str) -> Result<TraceOutput, TraceE
             match reply {
                 // The daemon takes one command per MORE: ours, then `done`.
                 Reply::More if !sent_command => {
+                    if abandoned() {
+                        return Err(TraceError::DaemonUnavailable(
+                            "the trace was abandoned before its command was sent".into(),
+                        ));
+                    }
                     conn.write_all(format!("{command}\n").as_bytes())
                         .await
                         .map_err(|e| gone(format!("write: {e}")))?;
@@ -502,6 +564,12 @@ mod tests {
         Expect(&'static str),
         /// Check that the client sends nothing for a while.
         Silence,
+        /// Do nothing for a while.
+        Pause(Duration),
+        /// Tell the test where the session is.
+        Notify(Arc<tokio::sync::Notify>),
+        /// Check that the client closes the connection without sending anything.
+        ExpectClosed,
         /// Close the connection.
         Close,
     }
@@ -571,6 +639,13 @@ mod tests {
                         )
                         .await;
                         assert!(got.is_err(), "client sent {line:?} before MORE");
+                    }
+                    Step::Pause(pause) => tokio::time::sleep(pause).await,
+                    Step::Notify(notify) => notify.notify_one(),
+                    Step::ExpectClosed => {
+                        let mut line = String::new();
+                        let n = read.read_line(&mut line).await.expect("read");
+                        assert_eq!((n, line.as_str()), (0, ""), "the client sent a line");
                     }
                     Step::Close => return,
                 }
@@ -753,6 +828,113 @@ mod tests {
                 .expect_err("shut down");
             assert!(err.to_string().contains("shut down"), "{err}");
         }
+    }
+
+    /// A window of one slot, taken, and a connection to `steps`.
+    async fn one_slot_session(
+        steps: Vec<Step>,
+    ) -> (
+        Arc<Semaphore>,
+        OwnedSemaphorePermit,
+        UnixStream,
+        tempfile_dir::Dir,
+        JoinHandle<()>,
+    ) {
+        let window = Arc::new(Semaphore::new(1));
+        let slot = Arc::clone(&window).acquire_owned().await.expect("slot");
+        let (dir, path, fake) = fake_daemon(steps).await;
+        let conn = connect(&path).await.expect("connect");
+        (window, slot, conn, dir, fake)
+    }
+
+    /// The Debian build's session up to `done`, then a notification, `pause` and the rest.
+    fn slow_session(pause: Duration) -> (Vec<Step>, Arc<tokio::sync::Notify>) {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let mut steps = debian_session(4096, false);
+        let done = steps.iter().position(|s| matches!(s, Step::Expect("done")));
+        let at = done.expect("done step") + 1;
+        steps.insert(at, Step::Pause(pause));
+        steps.insert(at, Step::Notify(Arc::clone(&notify)));
+        (steps, notify)
+    }
+
+    /// Runs `trace` until `notify` fires (the fake daemon got that far), then drops it as a
+    /// caller's deadline would. (These tests run on one thread: the fake pauses after the
+    /// notification, so nothing moves before the drop.)
+    async fn drop_at<F: std::future::Future>(trace: F, notify: &tokio::sync::Notify) {
+        tokio::select! {
+            _ = trace => panic!("the trace ended before the daemon got there"),
+            () = notify.notified() => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trace_past_its_deadline_keeps_its_slot_until_scamper_ends_the_session() {
+        let (steps, notify) = slow_session(Duration::from_millis(500));
+        let (window, slot, conn, _dir, fake) = one_slot_session(steps).await;
+        let until = Instant::now() + Duration::from_secs(30);
+        // Dropped once scamper has the command and `done`.
+        drop_at(
+            converse_in_window(slot, conn, COMMAND.into(), until),
+            &notify,
+        )
+        .await;
+        // scamper still runs the task: the slot stays taken until it ends the session.
+        assert!(
+            window.try_acquire().is_err(),
+            "slot freed while scamper traced"
+        );
+        let slot = tokio::time::timeout(Duration::from_secs(10), window.acquire()).await;
+        drop(slot.expect("slot back once the session ended"));
+        fake.await.expect("the session ran to its end");
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_ends_gives_its_slot_back_at_its_bound() {
+        let (steps, notify) = slow_session(Duration::from_secs(60));
+        let (window, slot, conn, _dir, _fake) = one_slot_session(steps).await;
+        let until = Instant::now() + Duration::from_millis(300);
+        drop_at(
+            converse_in_window(slot, conn, COMMAND.into(), until),
+            &notify,
+        )
+        .await;
+        let slot = tokio::time::timeout(Duration::from_secs(10), window.acquire()).await;
+        drop(slot.expect("slot back at the bound"));
+        assert!(Instant::now() >= until, "not before the bound");
+        // A caller still waiting at the bound gets why.
+        let (steps, _notify) = slow_session(Duration::from_secs(60));
+        let (window, slot, conn, _dir, _fake) = one_slot_session(steps).await;
+        let until = Instant::now() + Duration::from_millis(100);
+        let err = converse_in_window(slot, conn, COMMAND.into(), until)
+            .await
+            .expect_err("bound");
+        assert!(err.to_string().contains("twice"), "{err}");
+        assert_eq!(window.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_trace_dropped_before_its_command_is_sent_sends_none() {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (window, slot, conn, _dir, fake) = one_slot_session(vec![
+            Step::Expect("attach format json"),
+            Step::Notify(Arc::clone(&notify)),
+            Step::Pause(Duration::from_millis(100)),
+            Step::Send(b"OK\nMORE\n".to_vec(), 64),
+            Step::ExpectClosed,
+        ])
+        .await;
+        let until = Instant::now() + Duration::from_secs(30);
+        drop_at(
+            converse_in_window(slot, conn, COMMAND.into(), until),
+            &notify,
+        )
+        .await;
+        tokio::time::timeout(Duration::from_secs(10), fake)
+            .await
+            .expect("the session closed")
+            .expect("without a command");
+        assert_eq!(window.available_permits(), 1);
     }
 
     #[tokio::test]
