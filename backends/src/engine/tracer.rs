@@ -208,28 +208,29 @@ impl Engine {
             gap_limit: self.options.gap_limit,
         }));
         let clock = Clock::now();
-        let finished = self.run(request, probe, machine).await?;
-        let Machine::Paris(trace) = &finished.machine else {
+        let mut finished = self.run(request, probe, machine).await?;
+        let flow = finished.first_flow();
+        let Machine::Paris(trace) = &mut finished.machine else {
             unreachable!("the prober returns the machine it was given");
         };
-        let flow = finished.first_flow();
         let icmp_sum = if probe == Probe::Icmp {
             super::probe::Tags::echo_checksum(&self.shared.key, flow.salt, flow.dst, flow.sport)
         } else {
             0
         };
-        let answers = trace.answers();
+        let (hop_count, probe_count) = (trace.hop_count(), trace.probes_sent());
+        let config = *trace.config();
         let line = TraceLine {
             flow: &flow,
             icmp_sum,
             stop: finished.stop.unwrap_or(StopReason::GapLimit),
             start: finished.start,
-            hop_count: trace.hop_count(),
-            attempts: trace.config().attempts,
-            wait: trace.config().wait,
+            hop_count,
+            attempts: config.attempts,
+            wait: config.wait,
             probe_size: finished.probe_size,
-            probe_count: trace.probes_sent(),
-            answers: &answers,
+            probe_count,
+            answers: trace.answers(),
         };
         Ok(trace_output(&line, &clock, &self.hostname, finished.end))
     }

@@ -293,17 +293,13 @@ impl ParisTrace {
     }
 
     /// The answers up to the end of the path, sorted by TTL then attempt (the order scamper
-    /// prints its hops in).
-    pub fn answers(&self) -> Vec<Answer> {
+    /// prints its hops in). Sorts them in place, so the trace's output needs no copy.
+    pub fn answers(&mut self) -> &[Answer] {
         let last = self.end.map_or(MAX_TTL, |(ttl, _)| ttl);
-        let mut answers: Vec<Answer> = self
-            .answers
-            .iter()
-            .filter(|a| a.reply.id.ttl <= last)
-            .copied()
-            .collect();
-        answers.sort_by_key(|a| (a.reply.id.ttl, a.reply.id.attempt, a.rx));
-        answers
+        self.answers
+            .sort_unstable_by_key(|a| (a.reply.id.ttl, a.reply.id.attempt, a.rx));
+        let kept = self.answers.partition_point(|a| a.reply.id.ttl <= last);
+        &self.answers[..kept]
     }
 
     /// Probes sent so far.
