@@ -5,9 +5,10 @@
 //! `cargo bench --bench backends` (needs root: it builds network namespaces). `BENCH_TRACES`
 //! (default 10000) sets the traces per system and round, `BENCH_ROUNDS` (default 3) the rounds,
 //! `BENCH_SYSTEMS` (comma-separated: list, daemon, process, engine, ceiling; default all) which
-//! systems run (`engine` is both engine rows; `engine-budget` or `engine-free` one of them), `BENCH_ENGINE_CONCURRENCY` (default 1024) the engine's traces in flight,
-//! `BENCH_WORKERS` (default: one per CPU, as `hoptrace serve`) the tokio worker threads. The
-//! method and the results are in BENCHMARKS.md.
+//! systems run (`engine` is both engine rows; `engine-budget` or `engine-free` one of them),
+//! `BENCH_ENGINE_CONCURRENCY` (default 128) the engine's traces in flight, `BENCH_WORKERS`
+//! (default: one per CPU, as `hoptrace serve`) the tokio worker threads. The method and the
+//! results are in BENCHMARKS.md.
 //!
 //! Safety: the machine has a default route to the internet, so every scamper started here runs
 //! inside the lab's client namespace (checked before the first probe), and the lab is removed
@@ -85,8 +86,9 @@ enum System {
 
 /// Probe budgets the engine runs with: scamper's (the same as every peer) and none.
 const ENGINE_PPS: [u32; 2] = [PPS, 0];
-/// Engine traces in flight at once.
-const ENGINE_CONCURRENCY: usize = 1024;
+/// Engine traces in flight at once: where its rate peaks in this lab (64 and 128 give the
+/// same; 1024 costs a tenth of the rate and 15% more CPU per trace, see BENCHMARKS.md).
+const ENGINE_CONCURRENCY: usize = 128;
 /// The hops of every lab path: routers at TTL 1..=4, the destination at 5.
 const PATH_LENGTH: u8 = 5;
 
