@@ -136,7 +136,7 @@ impl RouterPacing {
         }
         entry.count += 1;
         entry.until = now + hold;
-        self.count();
+        self.count(now);
     }
 
     /// When a probe to `dst` at `ttl` may be sent (`now` or later); reserves its slot. A
@@ -158,7 +158,7 @@ impl RouterPacing {
             let before = self.silent.len();
             self.silent.retain(|_, s| s.until > now);
             if self.silent.len() != before {
-                self.count();
+                self.count(now);
             }
         }
         let Some(&router) = self.hints.get(&(prefix(dst), ttl)) else {
@@ -180,8 +180,11 @@ impl RouterPacing {
         at
     }
 
-    fn count(&mut self) {
-        self.limited = self.silent.values().filter(|s| s.limited()).count();
+    /// Counts the routers limited at `now` (those past their hold may still wait to be pruned).
+    fn count(&mut self, now: Instant) {
+        self.limited = (self.silent.values())
+            .filter(|s| s.limited() && s.until > now)
+            .count();
     }
 
     fn interval(&self, router: IpAddr) -> Duration {
@@ -306,27 +309,32 @@ mod tests {
         assert_eq!(pacing.limited_routers(), 0);
     }
 
-    #[test]
-    fn a_limited_router_is_forgotten_once_its_hold_passes() {
+    /// A router limited at `now` with 100 slots booked far past its hold, and a lookup 1 ms
+    /// before the hold ends (still paced, nothing pruned); returns the pacing and the hold's
+    /// end, when the next lookup is within the pruning period.
+    fn limited_to_the_end_of_its_hold(dst: IpAddr, now: Instant) -> (RouterPacing, Instant) {
         let limits = RouterLimits::default();
         let mut pacing = RouterPacing::new(limits);
-        let now = Instant::now();
         let far = now + DAY;
-        let dst = ip("10.77.100.5");
         pacing.learn(dst, 1, ip("10.77.1.2"));
         for _ in 0..3 {
             pacing.silent(dst, 1, now);
         }
-        // Booked far ahead: slots past the hold must not outlive it.
         for _ in 0..100 {
             pacing.reserve(dst, 1, now, false, far);
         }
-        // A lookup just before the hold ends prunes nothing: still paced.
         let before = now + limits.hold - Duration::from_millis(1);
         assert!(pacing.reserve(dst, 1, before, false, far) > before);
         assert_eq!(pacing.limited_routers(), 1);
-        // At its end, within a pruning period of that lookup: not paced any more.
-        let later = now + limits.hold;
+        (pacing, now + limits.hold)
+    }
+
+    #[test]
+    fn a_limited_router_is_forgotten_once_its_hold_passes() {
+        let (dst, now) = (ip("10.77.100.5"), Instant::now());
+        let far = now + DAY;
+        let (mut pacing, later) = limited_to_the_end_of_its_hold(dst, now);
+        // At the hold's end, not pruned yet: not paced any more, slots booked or not.
         assert_eq!(pacing.reserve(dst, 1, later, false, far), later);
         assert_eq!(pacing.reserve(dst, 1, later, true, far), later);
         // Pruned at the first lookup a period later.
@@ -338,6 +346,17 @@ mod tests {
         pacing.silent(dst, 1, pruned);
         assert_eq!(pacing.limited_routers(), 0);
         assert_eq!(pacing.reserve(dst, 1, pruned, true, far), pruned);
+    }
+
+    #[test]
+    fn a_silence_after_the_hold_starts_over_before_the_router_is_pruned() {
+        let (dst, now) = (ip("10.77.100.5"), Instant::now());
+        let (mut pacing, later) = limited_to_the_end_of_its_hold(dst, now);
+        // One silence at the hold's end, the entry still in the map: loss, not a limit, and
+        // its retry is not queued behind the slots booked in the earlier spell.
+        pacing.silent(dst, 1, later);
+        assert_eq!(pacing.limited_routers(), 0);
+        assert_eq!(pacing.reserve(dst, 1, later, true, now + DAY), later);
     }
 
     #[test]
