@@ -41,13 +41,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::lab::{Lab, ns_id_of_pid, require_root};
+use common::lab::{Lab, require_root};
+use common::raw::{checksum, socket_in};
 use common::requests::paris_request;
 use hoptrace_backends::engine::{
     Engine, EngineOptions, EngineStats, Flow, ProbeId, ProbeKey, UDP_DPORT, encode,
-    ensure_thread_in,
 };
-use hoptrace_backends::{Method, NetNs, Probe, TraceOutput, TraceRequest, Tracer};
+use hoptrace_backends::{Method, Probe, TraceOutput, TraceRequest, Tracer};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
     SockaddrStorage, recvfrom, sendto, socket,
@@ -179,21 +179,6 @@ fn ipv6_header(src: [u8; 16], dst: [u8; 16], next: u8, hop_limit: u8, len: u16) 
     header
 }
 
-/// The Internet checksum (RFC 1071) of the concatenated `parts` (all but the last of even
-/// length).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        for word in part.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([word[0], *word.get(1).unwrap_or(&0)]));
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Recomputes a quoted IPv4 header's checksum, so only the field a forgery changes is wrong.
 fn fix_v4_header(quote: &mut [u8]) {
     quote[10..12].fill(0);
@@ -201,40 +186,26 @@ fn fix_v4_header(quote: &mut [u8]) {
     quote[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// A raw socket opened inside lab namespace `name`, after checking the opening thread is in
-/// it and that it is not this process's namespace.
+/// A raw socket opened inside lab namespace `name` (checked).
 fn raw_socket_in(name: &str, family: Family, protocol: SockProtocol) -> OwnedFd {
-    assert_ne!(
-        Lab::ns_id(name),
-        ns_id_of_pid(std::process::id()),
-        "{name} is the test's own namespace"
-    );
-    let ns = NetNs::open(name).expect("open lab namespace");
     let domain = match family {
         Family::V4 => AddressFamily::Inet,
         Family::V6 => AddressFamily::Inet6,
     };
-    ns.run_inside(|| {
-        ensure_thread_in(&ns).expect("thread is in the lab namespace");
+    socket_in(name, || {
         socket(domain, SockType::Raw, SockFlag::SOCK_NONBLOCK, protocol)
     })
-    .expect("enter lab namespace")
-    .expect("open raw socket")
 }
 
-/// An engine whose sockets live in the lab's client namespace.
+/// An engine in the lab's client namespace (checked), with no probe budget.
 fn lab_engine(lab: &Lab) -> Engine {
-    assert_ne!(
-        Lab::ns_id(&lab.client_ns()),
-        ns_id_of_pid(std::process::id()),
-        "lab client namespace is the test's own namespace"
-    );
-    let client = NetNs::open(&lab.client_ns()).expect("open the lab client namespace");
-    let options = EngineOptions {
-        pps: 0,
-        ..EngineOptions::default()
-    };
-    Engine::open(Some(&client), options).expect("open the engine in the lab")
+    common::backends::lab_engine(
+        lab,
+        EngineOptions {
+            pps: 0,
+            ..EngineOptions::default()
+        },
+    )
 }
 
 fn request(dst: IpAddr, sport: u16) -> TraceRequest {

@@ -12,15 +12,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::backends::{lab_engine as lab_engine_with, lab_scamper};
 use common::lab::{Lab, ns_id_of_pid, require_root};
 use common::requests::paris_request;
-use common::server::lab_guarded_scamper;
 use hoptrace_backends::engine::{
     Engine, EngineError, EngineOptions, ensure_thread_in, thread_ns_id,
 };
 use hoptrace_backends::{
-    Confidence, Method, NetNs, Probe, ReplyKind, ScamperOptions, ScamperProcess, TraceError,
-    TraceOutput, TraceRequest, Tracer,
+    Confidence, Method, NetNs, Probe, ReplyKind, ScamperProcess, TraceError, TraceOutput,
+    TraceRequest, Tracer,
 };
 
 /// Bound on one trace (the lab answers in well under a millisecond).
@@ -35,8 +35,7 @@ fn assert_lab(addr: IpAddr) {
     assert!(inside, "{addr} is not a lab address");
 }
 
-/// An engine whose sockets live in the client namespace of `lab`, after asserting that is not
-/// this process's namespace.
+/// An engine in the client namespace of `lab` (checked), with no probe budget.
 fn lab_engine(lab: &Lab) -> Engine {
     lab_engine_with(
         lab,
@@ -45,21 +44,6 @@ fn lab_engine(lab: &Lab) -> Engine {
             ..EngineOptions::default()
         },
     )
-}
-
-/// The same with `options`.
-fn lab_engine_with(lab: &Lab, options: EngineOptions) -> Engine {
-    let client = NetNs::open(&lab.client_ns()).expect("open the lab client namespace");
-    assert_ne!(
-        Lab::ns_id(&lab.client_ns()),
-        ns_id_of_pid(std::process::id()),
-        "lab client namespace is the test's own namespace"
-    );
-    assert_eq!(
-        client.id().expect("namespace id"),
-        Lab::ns_id(&lab.client_ns())
-    );
-    Engine::open(Some(&client), options).expect("open the engine in the lab")
 }
 
 fn request(dst: IpAddr, probe: Probe) -> TraceRequest {
@@ -131,14 +115,7 @@ async fn scamper_trace(scamper: &ScamperProcess, request: &TraceRequest) -> Trac
 async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Vec<Vec<IpAddr>>) {
     let engine = lab_engine(lab);
     let tools = tempfile::tempdir().expect("tempdir");
-    let netns = Arc::new(NetNs::open(&lab.client_ns()).expect("lab namespace"));
-    let scamper = ScamperProcess::new(
-        ScamperOptions {
-            binary: lab_guarded_scamper(lab, tools.path()).into(),
-            pps: None,
-        },
-        Some(netns),
-    );
+    let scamper = lab_scamper(lab, tools.path());
     for probe in [Probe::Udp, Probe::Icmp, Probe::Tcp] {
         let request = request(dst, probe);
         let ours = engine.trace(&request).await.expect("engine trace");

@@ -1,5 +1,6 @@
-//! Arbitrary bytes into every reply decoder: none may panic, and whatever decodes must name a
-//! probe the key produced (re-encoding it gives a probe the decoder accepts replies to).
+//! Arbitrary bytes into every reply decoder and the ICMP extension reader: none may panic, and
+//! whatever decodes must name a probe the key produced (re-encoding it gives a probe the
+//! decoder accepts replies to).
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -17,6 +18,14 @@ fuzz_target!(|data: &[u8]| {
     // Every flow belongs to a running trace with salt 0, so tags are checked for any flow.
     let salt_of = |_: IpAddr, _: Probe, _: u16, _: u16| Some(0);
     let keys = Keys::new(&key, &salt_of);
+    for listener in engine::Listener::ALL {
+        if let Some(extension) = engine::icmpext::find(data, listener) {
+            for object in engine::icmpext::objects(extension) {
+                assert!(object.data.len() < extension.len());
+                object.mpls_entries().for_each(drop);
+            }
+        }
+    }
     let results = [
         engine::decode_v4(data, &keys),
         engine::decode_icmp6(data, FROM6, 64, &keys),

@@ -4,5 +4,6 @@
 pub mod backends;
 pub mod lab;
 pub mod procs;
+pub mod raw;
 pub mod requests;
 pub mod server;

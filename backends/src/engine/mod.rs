@@ -53,6 +53,7 @@
 
 mod decode;
 mod dispatch;
+pub mod icmpext;
 mod json;
 mod key;
 pub mod mda;

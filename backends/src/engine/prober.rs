@@ -34,6 +34,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 
 use super::dispatch::{FlowKey, FlowTable, Owner};
+use super::icmpext;
 use super::mda::{FlowIx, MdaProbe, MdaTrace, Step as MdaStep};
 use super::pacer::Pacer;
 use super::paris::{ParisTrace, Step as ParisStep};
@@ -117,9 +118,24 @@ impl Machine {
 
     /// Whether the reply was taken: false for a second answer to one probe (or one to an
     /// attempt never sent).
-    fn on_reply(&mut self, flow: FlowIx, reply: Reply, rx: Instant) -> bool {
+    /// Hands the trace a reply, with the ICMP extension structure its packet carried; false
+    /// when the trace does not take it. Only single-path traces keep extensions: scamper prints
+    /// them in `trace` hops, not in `tracelb` replies.
+    fn on_reply(
+        &mut self,
+        flow: FlowIx,
+        reply: Reply,
+        rx: Instant,
+        extension: Option<&[u8]>,
+    ) -> bool {
         match self {
-            Machine::Paris(trace) => trace.on_reply(reply, rx),
+            Machine::Paris(trace) => {
+                let taken = trace.on_reply(reply, rx);
+                if let (true, Some(extension)) = (taken, extension) {
+                    trace.add_extension(reply.id, extension);
+                }
+                taken
+            }
             Machine::Mda(trace) => trace.on_reply(flow, reply, rx),
         }
     }
@@ -848,7 +864,13 @@ impl Prober {
                             if packet.arrived.is_none() {
                                 tally.unstamped += 1;
                             }
-                            if r.machine.on_reply(owner.flow, reply, rx) {
+                            let extension = matches!(
+                                reply.kind,
+                                super::Kind::TimeExceeded | super::Kind::Unreachable { .. }
+                            )
+                            .then(|| icmpext::find(packet.bytes, which))
+                            .flatten();
+                            if r.machine.on_reply(owner.flow, reply, rx, extension) {
                                 learn(routers.as_mut(), &reply);
                                 if !r.ready {
                                     r.ready = true;
@@ -1051,5 +1073,58 @@ mod tests {
                 .is_err_and(|e| e == oneshot::error::TryRecvError::Closed),
             "a job submitted after close is dropped"
         );
+    }
+
+    #[test]
+    fn a_single_path_trace_keeps_the_extension_of_a_reply_it_takes_and_no_other() {
+        use crate::engine::mda::{Confidence, MdaConfig, MdaTrace};
+        use crate::engine::tests::udp_reply;
+        use crate::engine::{Kind, ProbeId};
+        let (mut job, _finished) = job();
+        let now = Instant::now();
+        let mut probes = Vec::new();
+        assert!(matches!(
+            job.machine.poll(now, &mut probes),
+            Polled::Probe { .. }
+        ));
+        for probe in &probes {
+            job.machine.sent(*probe, now);
+        }
+        let id = ProbeId { ttl: 1, attempt: 0 };
+        let reply = udp_reply(
+            id,
+            IpAddr::V4(Ipv4Addr::new(10, 77, 1, 2)),
+            Kind::TimeExceeded,
+        );
+        let ext = [0x20, 0, 0, 0, 0, 8, 1, 1, 0, 1, 0, 1];
+        assert!(job.machine.on_reply(0, reply, now, Some(&ext)));
+        // The same probe answered again, with another extension: a duplicate, not kept.
+        let other = [0x20, 0, 0, 0, 0, 8, 1, 1, 0, 2, 0, 1];
+        assert!(!job.machine.on_reply(0, reply, now, Some(&other)));
+        let Machine::Paris(trace) = &mut job.machine else {
+            unreachable!()
+        };
+        let (_, extensions) = trace.answers_and_extensions();
+        assert_eq!(extensions.get(id), Some(ext.as_slice()));
+        assert_eq!(extensions.get(ProbeId { ttl: 2, attempt: 0 }), None);
+        // A multipath trace takes the reply and has nowhere to print the extension.
+        let mut mda = Machine::Mda(MdaTrace::new(MdaConfig {
+            confidence: Confidence::P95,
+            max_ttl: 8,
+            attempts: 2,
+            wait: Duration::from_secs(1),
+            gap_limit: 5,
+            max_probes: 100,
+        }));
+        let mut probes = Vec::new();
+        mda.poll(now, &mut probes);
+        let first = probes[0];
+        mda.sent(first, now);
+        let reply = udp_reply(
+            first.id,
+            IpAddr::V4(Ipv4Addr::new(10, 77, 1, 2)),
+            Kind::TimeExceeded,
+        );
+        assert!(mda.on_reply(first.flow, reply, now, Some(&ext)));
     }
 }

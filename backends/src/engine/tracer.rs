@@ -220,6 +220,7 @@ impl Engine {
         };
         let (hop_count, probe_count) = (trace.hop_count(), trace.probes_sent());
         let config = *trace.config();
+        let (answers, extensions) = trace.answers_and_extensions();
         let line = TraceLine {
             flow: &flow,
             icmp_sum,
@@ -230,7 +231,8 @@ impl Engine {
             wait: config.wait,
             probe_size: finished.probe_size,
             probe_count,
-            answers: trace.answers(),
+            answers,
+            extensions,
         };
         Ok(trace_output(&line, &clock, &self.hostname, finished.end))
     }

@@ -9,7 +9,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::paris::{Answer, StopReason};
+use super::icmpext;
+use super::paris::{Answer, Extensions, StopReason};
 use super::{Flow, ReplyPacket};
 use crate::scamper_json::HopTable;
 use crate::{Probe, TraceKind, TraceOutput, TraceSummary};
@@ -65,6 +66,8 @@ pub struct TraceLine<'a> {
     pub probe_count: usize,
     /// The answers, in the order to print.
     pub answers: &'a [Answer],
+    /// The ICMP extensions some answers came with (`icmpext`).
+    pub extensions: &'a Extensions,
 }
 
 /// scamper's `method` for a Paris flow.
@@ -220,7 +223,8 @@ fn write_trace(
             if i > 0 {
                 out.push(',');
             }
-            let rtt = write_hop(out, answer, line.probe_size, clock);
+            let extension = line.extensions.get(answer.reply.id);
+            let rtt = write_hop(out, answer, line.probe_size, clock, extension);
             let reply = &answer.reply;
             hops.reply(i, reply.id.ttl, reply.from, rtt, reply.kind.into());
         }
@@ -230,7 +234,13 @@ fn write_trace(
 }
 
 /// Writes one hop; returns its RTT as written (milliseconds, three decimals).
-fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) -> f64 {
+fn write_hop(
+    out: &mut String,
+    answer: &Answer,
+    probe_size: u16,
+    clock: &Clock,
+    extension: Option<&[u8]>,
+) -> f64 {
     let reply = &answer.reply;
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
     let ReplyPacket {
@@ -272,8 +282,51 @@ fn write_hop(out: &mut String, answer: &Answer, probe_size: u16, clock: &Clock) 
     if let Some(flags) = tcp_flags {
         out.field("tcp_flags", flags);
     }
+    if let Some(extension) = extension {
+        write_icmpext(out, extension);
+    }
     out.push('}');
     rtt.ms()
+}
+
+/// `, "icmpext":[…]` as scamper writes it (no spaces inside): each object's class, type and
+/// data length, and the entries of an MPLS label stack. Nothing when no object is readable.
+fn write_icmpext(out: &mut String, extension: &[u8]) {
+    let mut objects = 0;
+    for object in icmpext::objects(extension) {
+        out.raw(if objects == 0 {
+            r#", "icmpext":["#
+        } else {
+            ","
+        })
+        .raw(r#"{"ie_cn":"#)
+        .num(object.class)
+        .raw(r#","ie_ct":"#)
+        .num(object.ctype)
+        .raw(r#","ie_dl":"#)
+        .num(object.data.len());
+        if object.is_mpls() {
+            out.raw(r#","mpls_labels":["#);
+            for (j, entry) in object.mpls_entries().enumerate() {
+                out.raw(if j == 0 { "" } else { "," })
+                    .raw(r#"{"mpls_ttl":"#)
+                    .num(entry.ttl)
+                    .raw(r#","mpls_s":"#)
+                    .num(entry.bottom)
+                    .raw(r#","mpls_exp":"#)
+                    .num(entry.exp)
+                    .raw(r#","mpls_label":"#)
+                    .num(entry.label)
+                    .raw("}");
+            }
+            out.raw("]");
+        }
+        out.raw("}");
+        objects += 1;
+    }
+    if objects > 0 {
+        out.raw("]");
+    }
 }
 
 /// The IP length of a probe whose encoded bytes are `encoded` (IPv6 probes are encoded without

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::{Clock, HostName, TraceLine, TracelbLine, trace_output, tracelb_output};
 use crate::TraceOutput;
 use crate::engine::mda::{Confidence, FlowIx, MdaConfig, MdaTrace};
-use crate::engine::paris::{Answer, StopReason};
+use crate::engine::paris::{Answer, Extensions, StopReason};
 use crate::engine::{Flow, Kind, ProbeId, Reply, ReplyPacket};
 use crate::{Probe, ReplyKind, scamper_json};
 
@@ -105,6 +105,9 @@ fn output(line: &TraceLine<'_>, hostname: &str, stop: Instant) -> TraceOutput {
     out
 }
 
+/// No ICMP extensions.
+static NO_EXTENSIONS: Extensions = Extensions::new();
+
 /// The line of a completed 5-hop trace of `flow` with `answers`.
 fn completed<'a>(flow: &'a Flow, start: Instant, answers: &'a [Answer]) -> TraceLine<'a> {
     TraceLine {
@@ -118,6 +121,7 @@ fn completed<'a>(flow: &'a Flow, start: Instant, answers: &'a [Answer]) -> Trace
         probe_size: 44,
         probe_count: 5,
         answers,
+        extensions: &NO_EXTENSIONS,
     }
 }
 
@@ -285,6 +289,46 @@ fn lines_read_back_to_the_hops_written() {
 }
 
 #[test]
+fn icmp_extensions_print_as_scamper_prints_them_and_read_back() {
+    use crate::engine::icmpext::tests::structure;
+    let flow = flow(Probe::Udp, true);
+    let start = Instant::now();
+    let answers = answers(&flow, start);
+    // TTL 2 came with a label stack (label 16, then 0xABCDE with exp 5 at the bottom) and an
+    // interface object; TTL 3 with only an unreadable object, which prints nothing.
+    let labels = [0x00, 0x01, 0x00, 0x01, 0xAB, 0xCD, 0xEB, 0xFE];
+    let mut extensions = Extensions::new();
+    extensions.add(
+        answers[1].reply.id,
+        &structure(&[(1, 1, &labels), (2, 0x0C, &[0; 8])]),
+    );
+    extensions.add(answers[2].reply.id, &structure(&[(3, 1, &[1])]));
+    let line = TraceLine {
+        extensions: &extensions,
+        ..completed(&flow, start, &answers)
+    };
+    let text = output(&line, "vm", start + Duration::from_millis(9)).lines;
+    let hops: Vec<&str> = text.split(r#"{"addr":"#).skip(1).collect();
+    assert_eq!(hops.len(), 5, "{text}");
+    assert!(
+        hops[1].ends_with(
+            r#", "icmpext":[{"ie_cn":1,"ie_ct":1,"ie_dl":8,"mpls_labels":[{"mpls_ttl":1,"mpls_s":0,"mpls_exp":0,"mpls_label":16},{"mpls_ttl":254,"mpls_s":1,"mpls_exp":5,"mpls_label":703710}]},{"ie_cn":2,"ie_ct":12,"ie_dl":8}]},"#
+        ),
+        "{}",
+        hops[1]
+    );
+    assert!(!hops[2].contains("icmpext"), "{}", hops[2]);
+    assert_eq!(text.matches("icmpext").count(), 1);
+    // Valid JSON whose hops read back as without extensions.
+    let trace: Value =
+        serde_json::from_str(text.lines().nth(1).expect("trace line")).expect("json");
+    assert_eq!(
+        trace["hops"][1]["icmpext"][0]["mpls_labels"][1]["mpls_label"],
+        0xABCDE
+    );
+}
+
+#[test]
 fn an_unanswered_trace_has_no_hops_key_and_a_quoted_hostname() {
     let flow = flow(Probe::Udp, true);
     let start = Instant::now();
@@ -299,6 +343,7 @@ fn an_unanswered_trace_has_no_hops_key_and_a_quoted_hostname() {
         probe_size: 36,
         probe_count: 10,
         answers: &[],
+        extensions: &NO_EXTENSIONS,
     };
     let text = output(&line, "a \"quoted\" host", start).lines;
     assert!(!text.contains("\"hops\""), "{text}");

@@ -133,9 +133,34 @@ pub struct ParisTrace {
     /// The lowest TTL with an answer that ends the path, and why.
     end: Option<(u8, StopReason)>,
     answers: Vec<Answer>,
+    /// The ICMP extensions some answers came with.
+    extensions: Extensions,
     /// Replies for this flow that were not accepted (duplicates, unknown attempts).
     rejected: usize,
     stop: Option<StopReason>,
+}
+
+/// The ICMP extension structures (RFC 4884, as [`super::icmpext::find`] returns them) that came
+/// with a trace's answers, by probe. Few routers send them, so this is usually empty and
+/// allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Extensions(Vec<(ProbeId, Box<[u8]>)>);
+
+impl Extensions {
+    /// None yet.
+    pub const fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Keeps `extension`, which came with the answer to `id`.
+    pub fn add(&mut self, id: ProbeId, extension: &[u8]) {
+        self.0.push((id, extension.into()));
+    }
+
+    /// The extension structure that came with the answer to `id`, if any.
+    pub fn get(&self, id: ProbeId) -> Option<&[u8]> {
+        self.0.iter().find(|(p, _)| *p == id).map(|(_, e)| &**e)
+    }
 }
 
 impl ParisTrace {
@@ -149,6 +174,7 @@ impl ParisTrace {
             end: None,
             // Room for a typical path's answers, so they are not reallocated as they come.
             answers: Vec::with_capacity(usize::from(config.max_ttl.min(16))),
+            extensions: Extensions::new(),
             rejected: 0,
             stop: None,
         }
@@ -295,11 +321,21 @@ impl ParisTrace {
     /// The answers up to the end of the path, sorted by TTL then attempt (the order scamper
     /// prints its hops in). Sorts them in place, so the trace's output needs no copy.
     pub fn answers(&mut self) -> &[Answer] {
+        self.answers_and_extensions().0
+    }
+
+    /// [`answers`](Self::answers), and the ICMP extensions some of them came with.
+    pub fn answers_and_extensions(&mut self) -> (&[Answer], &Extensions) {
         let last = self.end.map_or(MAX_TTL, |(ttl, _)| ttl);
         self.answers
             .sort_unstable_by_key(|a| (a.reply.id.ttl, a.reply.id.attempt, a.rx));
         let kept = self.answers.partition_point(|a| a.reply.id.ttl <= last);
-        &self.answers[..kept]
+        (&self.answers[..kept], &self.extensions)
+    }
+
+    /// Keeps the ICMP extension structure that came with the reply just accepted for `id`.
+    pub fn add_extension(&mut self, id: ProbeId, extension: &[u8]) {
+        self.extensions.add(id, extension);
     }
 
     /// Probes sent so far.
