@@ -416,12 +416,7 @@ async fn shutdown_aborts_queued_and_running_traces_and_counts_them() {
 
 /// A scamper in `dir` that takes 1 s, then prints a recorded trace; its path.
 fn slow_scamper(dir: &std::path::Path) -> String {
-    let slow = dir.join("slow-scamper");
-    let script = format!("#!/bin/sh\nsleep 1\nexec {}\n", fake_scamper("replay", dir));
-    std::fs::write(&slow, script).expect("write the slow scamper");
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    slow.to_str().expect("utf-8").to_owned()
+    fake_scamper("slow", dir)
 }
 
 /// A trace that finishes during the shutdown grace is written, counted and streamed to the

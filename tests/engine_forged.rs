@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::lab::{Lab, require_root};
+use common::lab::{Family, Lab, require_root};
 use common::raw::{checksum, socket_in};
 use common::requests::paris_request;
 use hoptrace_backends::engine::{
@@ -67,39 +67,12 @@ const FORGE_MAX: Duration = Duration::from_secs(2);
 /// How long forged packets may take to be counted once the forger stopped.
 const SETTLE: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
 impl Family {
-    fn client(self) -> IpAddr {
-        match self {
-            Family::V4 => Ipv4Addr::new(10, 77, 1, 1).into(),
-            Family::V6 => Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 1).into(),
-        }
-    }
-
     /// The outer source of every forgery: no lab node has it.
     fn forged_src(self) -> IpAddr {
         match self {
             Family::V4 => Ipv4Addr::new(10, 77, 99, 1).into(),
             Family::V6 => Ipv6Addr::new(0xfd77, 0x99, 0, 0, 0, 0, 0, 1).into(),
-        }
-    }
-
-    fn dst(self, lab: &Lab, n: u8) -> IpAddr {
-        match self {
-            Family::V4 => lab.dst_v4(n),
-            Family::V6 => lab.dst_v6(n.into()),
-        }
-    }
-
-    fn hops(self, lab: &Lab) -> Vec<Vec<IpAddr>> {
-        match self {
-            Family::V4 => lab.hops_v4(),
-            Family::V6 => lab.hops_v6(),
         }
     }
 

@@ -8,11 +8,11 @@
 //! lets through) answers each such probe as an MPLS router would: the probe quoted and padded
 //! to 128 bytes, then an extension structure holding one label stack entry. The engine and
 //! scamper then trace the same flow through it; both must print the same `icmpext` at TTL 2
-//! and none at any other TTL.
+//! and none at any other TTL. IPv4 and IPv6.
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,15 +20,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::backends::{lab_engine, lab_scamper};
-use common::lab::{Lab, require_root};
+use common::lab::{Family, Lab, require_root};
 use common::raw::{checksum, socket_in};
 use common::requests::paris_request;
 use hoptrace_backends::engine::EngineOptions;
 use hoptrace_backends::{TraceOutput, TraceRequest, Tracer};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
-    AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recvfrom,
-    sendto, setsockopt, socket, sockopt,
+    AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    bind, recvfrom, sendto, setsockopt, socket, sockopt,
 };
 
 /// Bound on one trace (the lab answers in well under a millisecond).
@@ -44,15 +44,46 @@ const ICMPEXT: &str = r#""icmpext":[{"ie_cn":1,"ie_ct":1,"ie_dl":4,"mpls_labels"
 /// `sll_pkttype` of a packet this host sends (the others arrived).
 const PACKET_OUTGOING: u8 = 4;
 
+impl Family {
+    /// The nftables rule dropping r2's own Time Exceeded messages (not the responder's).
+    fn rule(self) -> &'static str {
+        match self {
+            Family::V4 => "icmp type time-exceeded",
+            Family::V6 => "icmpv6 type time-exceeded",
+        }
+    }
+
+    /// Whether `packet` (an IP packet a packet socket in r2 saw arrive) is a probe from
+    /// `client` that expires at r2: TTL / hop limit 1.
+    fn expires_here(self, packet: &[u8], client: IpAddr) -> bool {
+        match (self, client) {
+            (Family::V4, IpAddr::V4(c)) => {
+                packet.len() >= 28
+                    && packet[0] >> 4 == 4
+                    && packet[8] == 1
+                    && packet[12..16] == c.octets()
+            }
+            (Family::V6, IpAddr::V6(c)) => {
+                packet.len() >= 48
+                    && packet[0] >> 4 == 6
+                    && packet[7] == 1
+                    && packet[8..24] == c.octets()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Drops the Time Exceeded messages r2's kernel sends, except the responder's.
-fn silence_r2(lab: &Lab) {
+fn silence_r2(lab: &Lab, family: Family) {
     let rules = format!(
-        "table ip hoptrace_mpls {{\n\
+        "table inet hoptrace_mpls {{\n\
          \tchain out {{\n\
          \t\ttype filter hook output priority 0; policy accept;\n\
-         \t\ticmp type time-exceeded meta mark != {MARK:#x} drop\n\
+         \t\t{} meta mark != {MARK:#x} drop\n\
          \t}}\n\
-         }}\n"
+         }}\n",
+        family.rule()
     );
     let r2 = lab.ns("r2");
     let mut nft = std::process::Command::new("ip")
@@ -68,22 +99,34 @@ fn silence_r2(lab: &Lab) {
     assert!(nft.wait().expect("nft").success(), "nft rules in r2");
 }
 
-/// The Time Exceeded an MPLS router at `router` sends for `probe` (the IPv4 packet as it
-/// arrived, TTL 1): quote padded to 128 bytes (RFC 4884's length field set), then an extension
-/// structure with one MPLS label stack object.
-fn time_exceeded_with_label(router: Ipv4Addr, probe: &[u8]) -> Vec<u8> {
+/// The ICMP(v6) Time Exceeded an MPLS router sends for `probe` (the IP packet as it arrived,
+/// TTL 1): the quote padded to 128 bytes (RFC 4884's length field set), then an extension
+/// structure with one MPLS label stack object. The ICMPv4 checksum is filled in; an ICMPv6
+/// socket fills in its own.
+fn time_exceeded_with_label(family: Family, probe: &[u8]) -> Vec<u8> {
     let mut quote = probe[..probe.len().min(128)].to_vec();
     quote.resize(128, 0);
     let mut extension = vec![0x20, 0, 0, 0, 0, 8, 1, 1];
     extension.extend_from_slice(&LABEL_ENTRY);
     let sum = checksum(&[&extension]);
     extension[2..4].copy_from_slice(&sum.to_be_bytes());
-    // Type 11 code 0, checksum, unused, length of the padded quote in 32-bit words, unused.
-    let mut icmp = vec![11, 0, 0, 0, 0, 32, 0, 0];
+    // Type, code 0, checksum, then the quote's length: in 32-bit words in the second unused
+    // byte on IPv4, in 64-bit words in the first on IPv6.
+    let mut icmp = match family {
+        Family::V4 => vec![11, 0, 0, 0, 0, 32, 0, 0],
+        Family::V6 => vec![3, 0, 0, 0, 16, 0, 0, 0],
+    };
     icmp.extend_from_slice(&quote);
     icmp.extend_from_slice(&extension);
-    let sum = checksum(&[&icmp]);
-    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    if let Family::V4 = family {
+        let sum = checksum(&[&icmp]);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    icmp
+}
+
+/// `icmp` in an IPv4 header from `router` to the probe's source.
+fn ipv4_packet(router: Ipv4Addr, probe: &[u8], icmp: &[u8]) -> Vec<u8> {
     let total = u16::try_from(20 + icmp.len()).expect("fits");
     let mut packet = vec![0x45, 0xc0];
     packet.extend_from_slice(&total.to_be_bytes());
@@ -92,7 +135,7 @@ fn time_exceeded_with_label(router: Ipv4Addr, probe: &[u8]) -> Vec<u8> {
     packet.extend_from_slice(&probe[12..16]);
     let sum = checksum(&[&packet]);
     packet[10..12].copy_from_slice(&sum.to_be_bytes());
-    packet.extend_from_slice(&icmp);
+    packet.extend_from_slice(icmp);
     packet
 }
 
@@ -105,30 +148,53 @@ struct Responder {
 
 impl Responder {
     /// Opens its sockets in r2 (checked) before returning, so no probe passes unanswered.
-    fn start(lab: &Lab, router: Ipv4Addr, client: Ipv4Addr) -> Self {
+    fn start(lab: &Lab, family: Family, router: IpAddr) -> Self {
         let r2 = lab.ns("r2");
+        let ethertype = match family {
+            Family::V4 => SockProtocol::EthIp,
+            Family::V6 => SockProtocol::EthIpv6,
+        };
         let capture = socket_in(&r2, || {
             socket(
                 AddressFamily::Packet,
                 SockType::Datagram,
                 SockFlag::SOCK_NONBLOCK,
-                SockProtocol::EthIp,
+                ethertype,
             )
         });
+        // IPv4: whole packets, ours from r2's address; IPv6: ICMPv6 messages the kernel wraps
+        // (and checksums) from the address the socket is bound to.
         let send = socket_in(&r2, || {
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Raw,
-                SockFlag::empty(),
-                SockProtocol::Raw,
-            )?;
+            let fd = match router {
+                IpAddr::V4(_) => socket(
+                    AddressFamily::Inet,
+                    SockType::Raw,
+                    SockFlag::empty(),
+                    SockProtocol::Raw,
+                )?,
+                IpAddr::V6(r) => {
+                    let fd = socket(
+                        AddressFamily::Inet6,
+                        SockType::Raw,
+                        SockFlag::empty(),
+                        SockProtocol::IcmpV6,
+                    )?;
+                    bind(
+                        fd.as_raw_fd(),
+                        &SockaddrIn6::from(SocketAddrV6::new(r, 0, 0, 0)),
+                    )?;
+                    fd
+                }
+            };
             setsockopt(&fd, sockopt::Mark, &MARK)?;
             Ok(fd)
         });
+        let client = family.client();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let thread =
-            std::thread::spawn(move || answer_probes(&capture, &send, router, client, &flag));
+        let thread = std::thread::spawn(move || {
+            answer_probes(&capture, &send, family, router, client, &flag)
+        });
         Self {
             stop,
             thread: Some(thread),
@@ -154,8 +220,9 @@ impl Drop for Responder {
 fn answer_probes(
     capture: &OwnedFd,
     send: &OwnedFd,
-    router: Ipv4Addr,
-    client: Ipv4Addr,
+    family: Family,
+    router: IpAddr,
+    client: IpAddr,
     stop: &AtomicBool,
 ) -> usize {
     let limit = Instant::now() + RESPONDER_LIMIT;
@@ -171,19 +238,27 @@ fn answer_probes(
             let Ok((n, Some(from))) = recvfrom::<LinkAddr>(capture.as_raw_fd(), &mut buf) else {
                 break;
             };
-            let packet = &buf[..n];
-            // An IPv4 probe from the client arriving with TTL 1: it expires here.
-            let expires = from.pkttype() != PACKET_OUTGOING
-                && packet.len() >= 28
-                && packet[0] >> 4 == 4
-                && packet[8] == 1
-                && packet[12..16] == client.octets();
-            if !expires {
+            let probe = &buf[..n];
+            if from.pkttype() == PACKET_OUTGOING || !family.expires_here(probe, client) {
                 continue;
             }
-            let reply = time_exceeded_with_label(router, packet);
-            let to = SockaddrIn::from(SocketAddrV4::new(client, 0));
-            sendto(send.as_raw_fd(), &reply, &to, MsgFlags::empty()).expect("send the reply");
+            let icmp = time_exceeded_with_label(family, probe);
+            let sent = match (router, client) {
+                (IpAddr::V4(r), IpAddr::V4(c)) => sendto(
+                    send.as_raw_fd(),
+                    &ipv4_packet(r, probe, &icmp),
+                    &SockaddrIn::from(SocketAddrV4::new(c, 0)),
+                    MsgFlags::empty(),
+                ),
+                (_, IpAddr::V6(c)) => sendto(
+                    send.as_raw_fd(),
+                    &icmp,
+                    &SockaddrIn6::from(SocketAddrV6::new(c, 0, 0, 0)),
+                    MsgFlags::empty(),
+                ),
+                _ => unreachable!("one family"),
+            };
+            sent.expect("send the reply");
             answered += 1;
         }
     }
@@ -200,21 +275,11 @@ fn ttls_with_icmpext(out: &TraceOutput) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mpls_labels_in_time_exceeded_print_as_scamper_prints_them() {
-    if !require_root("mpls_labels_in_time_exceeded_print_as_scamper_prints_them") {
-        return;
-    }
+async fn mpls_labels_print_as_scamper_prints_them(family: Family) {
     let lab = Lab::up();
-    let dst = lab.dst_v4(5);
-    let truth = lab.hops_v4();
-    let IpAddr::V4(router) = truth[1][0] else {
-        panic!("the lab's second hop is IPv4");
-    };
-    // The client's address on its link to r1 (`scripts/lab`), checked against the traces.
-    let client = Ipv4Addr::new(10, 77, 1, 1);
-    silence_r2(&lab);
-    let responder = Responder::start(&lab, router, client);
+    let (dst, router) = (family.dst(&lab, 5), family.hops(&lab)[1][0]);
+    silence_r2(&lab, family);
+    let responder = Responder::start(&lab, family, router);
     let request = TraceRequest {
         source_port: Some(40000),
         ..paris_request(dst, DEADLINE)
@@ -237,13 +302,13 @@ async fn mpls_labels_in_time_exceeded_print_as_scamper_prints_them() {
     eprintln!("ours {}\ntheirs {}", ours.lines, theirs.lines);
     assert!(answered >= 2, "the responder answered {answered} probes");
     for (name, out) in [("engine", &ours), ("scamper", &theirs)] {
-        assert_eq!(out.summary.src, Some(IpAddr::V4(client)), "{name}");
+        assert_eq!(out.summary.src, Some(family.client()), "{name}");
         assert_eq!(
             out.summary.stop_reason.as_deref(),
             Some("COMPLETED"),
             "{name}"
         );
-        assert_eq!(out.summary.hops[1].addr, IpAddr::V4(router), "{name}");
+        assert_eq!(out.summary.hops[1].addr, router, "{name}");
         // The label at TTL 2 only, written byte for byte as scamper writes it.
         assert_eq!(ttls_with_icmpext(out), [2], "{name}: {}", out.lines);
         assert_eq!(
@@ -252,5 +317,19 @@ async fn mpls_labels_in_time_exceeded_print_as_scamper_prints_them() {
             "{name}: {}",
             out.lines
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpls_labels_in_time_exceeded_print_as_scamper_prints_them_v4() {
+    if require_root("mpls_labels_in_time_exceeded_print_as_scamper_prints_them_v4") {
+        mpls_labels_print_as_scamper_prints_them(Family::V4).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpls_labels_in_time_exceeded_print_as_scamper_prints_them_v6() {
+    if require_root("mpls_labels_in_time_exceeded_print_as_scamper_prints_them_v6") {
+        mpls_labels_print_as_scamper_prints_them(Family::V6).await;
     }
 }

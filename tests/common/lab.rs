@@ -322,3 +322,36 @@ impl Drop for Lab {
         }
     }
 }
+
+/// An address family of the lab, and where its addresses are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The client's address on its link to r1 (`scripts/lab`).
+    pub fn client(self) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::new(10, 77, 1, 1).into(),
+            Family::V6 => Ipv6Addr::new(0xfd77, 1, 0, 0, 0, 0, 0, 1).into(),
+        }
+    }
+
+    /// Destination `n` of the network 5 hops away.
+    pub fn dst(self, lab: &Lab, n: u8) -> IpAddr {
+        match self {
+            Family::V4 => lab.dst_v4(n),
+            Family::V6 => lab.dst_v6(n.into()),
+        }
+    }
+
+    /// The routers at each TTL of the path to [`dst`](Self::dst).
+    pub fn hops(self, lab: &Lab) -> Vec<Vec<IpAddr>> {
+        match self {
+            Family::V4 => lab.hops_v4(),
+            Family::V6 => lab.hops_v6(),
+        }
+    }
+}

@@ -184,7 +184,12 @@ pub fn assert_accounted(s: &proto::StatusResponse) {
     );
 }
 
-/// Copies a fake scamper from `tests/fixtures/fake-scamper` into `dir`; returns its path.
+/// A fake scamper from `tests/fixtures/fake-scamper`, linked into `dir` (it keeps its files
+/// beside the path it is run by, `"$0.expect"` and the like); returns the link's path.
+///
+/// A link, not a copy: a file just written cannot be executed while another test thread's
+/// fork still holds the writing descriptor (`ETXTBSY`, "Text file busy"), which made tests
+/// running side by side fail now and then.
 pub fn fake_scamper(name: &str, dir: &Path) -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/fake-scamper")
@@ -194,7 +199,7 @@ pub fn fake_scamper(name: &str, dir: &Path) -> String {
         // It finds the recorded trace relative to the repository, so it runs in place.
         return src.to_str().expect("utf-8").to_owned();
     }
-    std::fs::copy(&src, &dst).expect("copy fake scamper");
+    std::os::unix::fs::symlink(&src, &dst).expect("link fake scamper");
     dst.to_str().expect("utf-8").to_owned()
 }
 
