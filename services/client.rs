@@ -38,13 +38,20 @@ pub fn record_summary(r: &proto::TraceRecord) -> serde_json::Value {
         .hops
         .iter()
         .map(|h| {
-            json!({
+            let mut hop = json!({
                 "ttl": h.ttl,
                 "addr": h.address,
                 "rtts_ms": h.rtts_ms,
                 "kind": proto::ReplyKind::try_from(h.kind)
                     .map_or("UNKNOWN", |k| k.as_str_name().trim_start_matches("REPLY_KIND_")),
-            })
+            });
+            if !h.mpls_labels.is_empty() {
+                let labels: Vec<_> = (h.mpls_labels.iter())
+                    .map(|l| json!({"label": l.label, "exp": l.exp, "s": l.bottom_of_stack, "ttl": l.ttl}))
+                    .collect();
+                hop["mpls_labels"] = json!(labels);
+            }
+            hop
         })
         .collect();
     let links: Vec<_> = r.links.iter().map(|l| json!([l.from, l.to])).collect();

@@ -137,6 +137,14 @@ pub fn record_to_proto(r: &TraceRecord) -> proto::TraceRecord {
                 address: h.addr.to_string(),
                 rtts_ms: h.rtts_ms.clone(),
                 kind: reply_kind(h.kind) as i32,
+                mpls_labels: (h.mpls_labels.iter())
+                    .map(|l| proto::MplsLabel {
+                        label: l.label,
+                        exp: u32::from(l.exp),
+                        bottom_of_stack: l.bottom,
+                        ttl: u32::from(l.ttl),
+                    })
+                    .collect(),
             })
             .collect(),
         links: s
@@ -387,6 +395,41 @@ impl Hoptrace for HoptraceService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hops_mpls_labels_reach_the_api_record() {
+        use crate::store::StoredFile;
+        let lines = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/backends/tests/fixtures/scamper-20211212/trace-icmp-paris.json"
+        ));
+        let ttl2 = r#""icmp_q_ipl":44, "icmp_q_tos":0},{"addr":"10.77.3.2""#;
+        let labelled = ttl2.replacen(
+            "},",
+            r#", "icmpext":[{"ie_cn":1,"ie_ct":1,"ie_dl":4,"mpls_labels":[{"mpls_ttl":1,"mpls_s":1,"mpls_exp":2,"mpls_label":24001}]}]},"#,
+            1,
+        );
+        assert!(lines.contains(ttl2));
+        let contents = format!(
+            "{}\n{}",
+            r#"{"UUID":"host_1_2","TracerouteCallerVersion":"t","CachedResult":false,"CachedUUID":""}"#,
+            lines.replacen(ttl2, &labelled, 1)
+        );
+        let file = StoredFile::parse("2026/11/29/x_host_1_2.jsonl".into(), contents).expect("file");
+        let record = TraceRecord::from_file(file, "scamper", BTreeMap::new()).expect("record");
+        let hops = record_to_proto(&record).hops;
+        let labels: Vec<(u32, Vec<proto::MplsLabel>)> = (hops.into_iter())
+            .filter(|h| !h.mpls_labels.is_empty())
+            .map(|h| (h.ttl, h.mpls_labels))
+            .collect();
+        let label = proto::MplsLabel {
+            label: 24001,
+            exp: 2,
+            bottom_of_stack: true,
+            ttl: 1,
+        };
+        assert_eq!(labels, [(2, vec![label])]);
+    }
 
     #[test]
     fn errors_map_to_statuses_in_one_place() {

@@ -24,7 +24,7 @@ use common::lab::{Family, Lab, require_root};
 use common::raw::{checksum, socket_in};
 use common::requests::paris_request;
 use hoptrace_backends::engine::EngineOptions;
-use hoptrace_backends::{TraceOutput, TraceRequest, Tracer};
+use hoptrace_backends::{MplsLabel, TraceOutput, TraceRequest, Tracer};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
     AddressFamily, LinkAddr, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
@@ -309,7 +309,8 @@ async fn mpls_labels_print_as_scamper_prints_them(family: Family) {
             "{name}"
         );
         assert_eq!(out.summary.hops[1].addr, router, "{name}");
-        // The label at TTL 2 only, written byte for byte as scamper writes it.
+        // The label at TTL 2 only, written byte for byte as scamper writes it, and in the
+        // normalised hops that the gRPC record carries.
         assert_eq!(ttls_with_icmpext(out), [2], "{name}: {}", out.lines);
         assert_eq!(
             out.lines.matches(ICMPEXT).count(),
@@ -317,6 +318,17 @@ async fn mpls_labels_print_as_scamper_prints_them(family: Family) {
             "{name}: {}",
             out.lines
         );
+        let labelled: Vec<(u8, &[MplsLabel])> = (out.summary.hops.iter())
+            .filter(|h| !h.mpls_labels.is_empty())
+            .map(|h| (h.ttl, h.mpls_labels.as_slice()))
+            .collect();
+        let label = MplsLabel {
+            label: 16,
+            exp: 0,
+            bottom: true,
+            ttl: 1,
+        };
+        assert_eq!(labelled, [(2, [label].as_slice())], "{name}");
     }
 }
 

@@ -30,7 +30,9 @@ pub use netns::{NetNs, NetNsError};
 pub use output::TraceOutput;
 pub use request::{Confidence, Limits, Method, Probe, TraceRequest};
 pub use scamper::{DaemonOptions, ScamperDaemon, ScamperOptions, ScamperProcess};
-pub use scamper_json::{Hop, Link, ReplyKind, ScamperJsonError, TraceKind, TraceSummary};
+pub use scamper_json::{
+    Hop, Link, MplsLabel, ReplyKind, ScamperJsonError, TraceKind, TraceSummary,
+};
 
 /// Something that can trace the path to a destination.
 ///

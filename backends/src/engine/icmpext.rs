@@ -13,6 +13,7 @@ use etherparse::checksum::Sum16BitWords;
 use etherparse::{IpNumber, Ipv4Slice};
 
 use super::Listener;
+use crate::MplsLabel;
 
 /// Bytes of the ICMP header, and of the quote an extension structure follows.
 const ICMP_HEADER: usize = 8;
@@ -70,27 +71,14 @@ impl Object<'_> {
 
     /// The label stack entries of an MPLS object, top first (a trailing partial entry is left
     /// out).
-    pub fn mpls_entries(&self) -> impl Iterator<Item = MplsEntry> + '_ {
-        self.data.chunks_exact(4).map(|e| MplsEntry {
+    pub fn mpls_entries(&self) -> impl Iterator<Item = MplsLabel> + '_ {
+        self.data.chunks_exact(4).map(|e| MplsLabel {
             label: (u32::from(e[0]) << 12) | (u32::from(e[1]) << 4) | u32::from(e[2] >> 4),
             exp: (e[2] >> 1) & 0x7,
-            bottom: e[2] & 1,
+            bottom: e[2] & 1 == 1,
             ttl: e[3],
         })
     }
-}
-
-/// One MPLS label stack entry (RFC 3032).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MplsEntry {
-    /// The 20-bit label.
-    pub label: u32,
-    /// The 3 experimental (traffic class) bits.
-    pub exp: u8,
-    /// The bottom-of-stack bit.
-    pub bottom: u8,
-    /// The entry's TTL.
-    pub ttl: u8,
 }
 
 /// The objects of extension structure `ext` (as [`find`] returns it), in order, up to the first
@@ -146,6 +134,22 @@ pub(crate) mod tests {
     /// Two MPLS entries: label 16 (TTL 1), then label 0xABCDE, exp 5, bottom of stack (TTL 254).
     const LABELS: [u8; 8] = [0x00, 0x01, 0x00, 0x01, 0xAB, 0xCD, 0xEB, 0xFE];
 
+    /// [`LABELS`] decoded (scamper prints them as labels 16 and 703710).
+    pub(crate) const TWO_LABELS: [MplsLabel; 2] = [
+        MplsLabel {
+            label: 16,
+            exp: 0,
+            bottom: false,
+            ttl: 1,
+        },
+        MplsLabel {
+            label: 0xABCDE,
+            exp: 5,
+            bottom: true,
+            ttl: 254,
+        },
+    ];
+
     #[test]
     fn an_mpls_label_stack_after_the_padded_quote_is_found_and_read() {
         let ext = structure(&[(1, 1, &LABELS)]);
@@ -155,24 +159,8 @@ pub(crate) mod tests {
         let objects: Vec<Object<'_>> = objects(found).collect();
         assert_eq!(objects.len(), 1);
         assert!(objects[0].is_mpls());
-        let entries: Vec<MplsEntry> = objects[0].mpls_entries().collect();
-        assert_eq!(
-            entries,
-            [
-                MplsEntry {
-                    label: 16,
-                    exp: 0,
-                    bottom: 0,
-                    ttl: 1
-                },
-                MplsEntry {
-                    label: 0xABCDE,
-                    exp: 5,
-                    bottom: 1,
-                    ttl: 254
-                },
-            ]
-        );
+        let entries: Vec<MplsLabel> = objects[0].mpls_entries().collect();
+        assert_eq!(entries, TWO_LABELS);
     }
 
     #[test]
@@ -264,7 +252,7 @@ pub(crate) mod tests {
                     );
                     assert!(object.data.len() >= 4);
                     for entry in object.mpls_entries() {
-                        assert!(entry.label < 1 << 20 && entry.exp < 8 && entry.bottom < 2);
+                        assert!(entry.label < 1 << 20 && entry.exp < 8);
                     }
                 }
             }

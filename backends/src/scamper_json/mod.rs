@@ -89,6 +89,22 @@ pub struct Hop {
     pub rtts_ms: Vec<f64>,
     /// Why the address answered, taken from its first printed reply at this TTL.
     pub kind: ReplyKind,
+    /// The MPLS label stack its first reply carrying one reported (`icmpext`, RFC 4950), top
+    /// first; empty for most routers.
+    pub mpls_labels: Vec<MplsLabel>,
+}
+
+/// One MPLS label stack entry a router reported in an ICMP extension (RFC 3032 fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MplsLabel {
+    /// The 20-bit label.
+    pub label: u32,
+    /// The 3 experimental (traffic class) bits.
+    pub exp: u8,
+    /// The bottom-of-stack bit.
+    pub bottom: bool,
+    /// The entry's TTL.
+    pub ttl: u8,
 }
 
 /// A link between consecutive nodes of a multipath trace; `None` is an unresponsive hop ("*").
@@ -308,10 +324,46 @@ fn single_path_hops(trace: &Obj, v6: bool) -> Result<Vec<Hop>> {
         let ttl = ttl_field(hop, &path, "probe_ttl")?;
         let rtt = rtt_field(hop, &path)?;
         let kind = reply_kind(hop, &path, v6)?;
+        let labels = mpls_labels(hop, &path)?;
         // Index by probe_ttl, never by position: silent TTLs leave gaps.
-        table.reply(i, ttl, addr, rtt, kind);
+        table.reply(i, ttl, addr, rtt, kind, &labels);
     }
     Ok(table.finish())
+}
+
+/// The entries of every MPLS label stack object (class 1, type 1) in a hop's `icmpext`.
+fn mpls_labels(hop: &Obj, path: &str) -> Result<Vec<MplsLabel>> {
+    let Some(objects) = opt_array(hop, path, "icmpext")? else {
+        return Ok(Vec::new());
+    };
+    let mut labels = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        let path = format!("{path}.icmpext[{i}]");
+        let object = as_object(object, &path)?;
+        let mpls =
+            int_field(object, &path, "ie_cn")? == 1 && int_field(object, &path, "ie_ct")? == 1;
+        let Some(entries) = opt_array(object, &path, "mpls_labels")?.filter(|_| mpls) else {
+            continue;
+        };
+        for (j, entry) in entries.iter().enumerate() {
+            let path = format!("{path}.mpls_labels[{j}]");
+            let entry = as_object(entry, &path)?;
+            let bounded = |key: &str, max: i128| -> Result<i128> {
+                match int_field(entry, &path, key)? {
+                    n if (0..=max).contains(&n) => Ok(n),
+                    n => Err(out_of_range(&path, key, n)),
+                }
+            };
+            // The bounds make the narrowing conversions exact.
+            labels.push(MplsLabel {
+                label: bounded("mpls_label", 0xF_FFFF)? as u32,
+                exp: bounded("mpls_exp", 7)? as u8,
+                bottom: bounded("mpls_s", 1)? == 1,
+                ttl: bounded("mpls_ttl", 255)? as u8,
+            });
+        }
+    }
+    Ok(labels)
 }
 
 /// What the multipath walk remembers about a node until every reply has been seen.
@@ -503,7 +555,7 @@ fn read_element(
             // A reply under "*" would contradict itself; it is checked above but has no
             // address to attach to.
             if let Some(a) = addr {
-                table.reply(elem_order, ttl, a, rtt, kind);
+                table.reply(elem_order, ttl, a, rtt, kind, &[]);
             }
         }
     }
@@ -559,6 +611,7 @@ impl HopTable {
                         addr,
                         rtts_ms: Vec::new(),
                         kind,
+                        mpls_labels: Vec::new(),
                     },
                 ));
                 let slot = self.hops.len() - 1;
@@ -583,8 +636,20 @@ impl HopTable {
     }
 
     /// Records one reply; the first reply at (ttl, addr) sets the hop's kind.
-    pub(crate) fn reply(&mut self, order: usize, ttl: u8, addr: IpAddr, rtt: f64, kind: ReplyKind) {
-        self.entry(order, ttl, addr, kind).rtts_ms.push(rtt);
+    pub(crate) fn reply(
+        &mut self,
+        order: usize,
+        ttl: u8,
+        addr: IpAddr,
+        rtt: f64,
+        kind: ReplyKind,
+        labels: &[MplsLabel],
+    ) {
+        let hop = self.entry(order, ttl, addr, kind);
+        hop.rtts_ms.push(rtt);
+        if hop.mpls_labels.is_empty() {
+            hop.mpls_labels.extend_from_slice(labels);
+        }
     }
 
     /// Records a hop whose replies scamper did not print.

@@ -173,6 +173,36 @@ fn trace_icmp_paris() {
 }
 
 #[test]
+fn mpls_labels_read_from_icmpext_and_bad_ones_are_refused() {
+    let ttl2 = r#""icmp_q_ttl":1, "icmp_q_ipl":44, "icmp_q_tos":0},{"addr":"10.77.3.2""#;
+    let with = |icmpext: &str| {
+        let labelled = ttl2.replacen("}", &format!(", \"icmpext\":{icmpext}}}"), 1);
+        replace(TRACE_ICMP, ttl2, &labelled)
+    };
+    // An interface object (skipped) and a two-entry stack, as scamper prints them.
+    let s = ok(&with(
+        r#"[{"ie_cn":2,"ie_ct":12,"ie_dl":8},{"ie_cn":1,"ie_ct":1,"ie_dl":8,"mpls_labels":[{"mpls_ttl":1,"mpls_s":0,"mpls_exp":0,"mpls_label":16},{"mpls_ttl":254,"mpls_s":1,"mpls_exp":5,"mpls_label":703710}]}]"#,
+    ));
+    let labelled: Vec<(u8, usize)> = (s.hops.iter())
+        .map(|h| (h.ttl, h.mpls_labels.len()))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    assert_eq!(labelled, [(2, 2)]);
+    assert_eq!(
+        s.hops[1].mpls_labels,
+        crate::engine::icmpext::tests::TWO_LABELS
+    );
+    for bad in [
+        r#"[{"ie_cn":1,"ie_ct":1,"ie_dl":4,"mpls_labels":[{"mpls_ttl":1,"mpls_s":1,"mpls_exp":0,"mpls_label":1048576}]}]"#,
+        r#"[{"ie_cn":1,"ie_ct":1,"ie_dl":4,"mpls_labels":[{"mpls_ttl":1,"mpls_s":2,"mpls_exp":0,"mpls_label":16}]}]"#,
+        r#"[{"ie_cn":1,"ie_ct":1,"ie_dl":4,"mpls_labels":[{"mpls_s":1,"mpls_exp":0,"mpls_label":16}]}]"#,
+        r#"{"ie_cn":1}"#,
+    ] {
+        err(&with(bad));
+    }
+}
+
+#[test]
 fn trace_tcp() {
     let s = ok(TRACE_TCP);
     assert_eq!(s.kind, TraceKind::SinglePath);
@@ -869,6 +899,7 @@ fn a_long_hop_table_groups_replies_as_a_short_one() {
                 addr(i),
                 f64::from(round),
                 ReplyKind::TimeExceeded,
+                &[],
             );
         }
     }

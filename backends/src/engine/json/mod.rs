@@ -13,7 +13,7 @@ use super::icmpext;
 use super::paris::{Answer, Extensions, StopReason};
 use super::{Flow, ReplyPacket};
 use crate::scamper_json::HopTable;
-use crate::{Probe, TraceKind, TraceOutput, TraceSummary};
+use crate::{MplsLabel, Probe, TraceKind, TraceOutput, TraceSummary};
 
 /// Maps the engine's monotonic instants to wall-clock time, from one reading of both clocks.
 #[derive(Debug, Clone, Copy)]
@@ -224,23 +224,24 @@ fn write_trace(
                 out.push(',');
             }
             let extension = line.extensions.get(answer.reply.id);
-            let rtt = write_hop(out, answer, line.probe_size, clock, extension);
+            let (rtt, labels) = write_hop(out, answer, line.probe_size, clock, extension);
             let reply = &answer.reply;
-            hops.reply(i, reply.id.ttl, reply.from, rtt, reply.kind.into());
+            hops.reply(i, reply.id.ttl, reply.from, rtt, reply.kind.into(), &labels);
         }
         out.push(']');
     }
     out.push('}');
 }
 
-/// Writes one hop; returns its RTT as written (milliseconds, three decimals).
+/// Writes one hop; returns its RTT as written (milliseconds, three decimals) and the MPLS
+/// labels its `icmpext` holds.
 fn write_hop(
     out: &mut String,
     answer: &Answer,
     probe_size: u16,
     clock: &Clock,
     extension: Option<&[u8]>,
-) -> f64 {
+) -> (f64, Vec<MplsLabel>) {
     let reply = &answer.reply;
     let (tx_sec, tx_usec) = clock.wall(answer.tx);
     let ReplyPacket {
@@ -282,16 +283,16 @@ fn write_hop(
     if let Some(flags) = tcp_flags {
         out.field("tcp_flags", flags);
     }
-    if let Some(extension) = extension {
-        write_icmpext(out, extension);
-    }
+    let labels = extension.map_or_else(Vec::new, |e| write_icmpext(out, e));
     out.push('}');
-    rtt.ms()
+    (rtt.ms(), labels)
 }
 
 /// `, "icmpext":[…]` as scamper writes it (no spaces inside): each object's class, type and
 /// data length, and the entries of an MPLS label stack. Nothing when no object is readable.
-fn write_icmpext(out: &mut String, extension: &[u8]) {
+/// Returns the MPLS entries written.
+fn write_icmpext(out: &mut String, extension: &[u8]) -> Vec<MplsLabel> {
+    let mut labels = Vec::new();
     let mut objects = 0;
     for object in icmpext::objects(extension) {
         out.raw(if objects == 0 {
@@ -312,12 +313,13 @@ fn write_icmpext(out: &mut String, extension: &[u8]) {
                     .raw(r#"{"mpls_ttl":"#)
                     .num(entry.ttl)
                     .raw(r#","mpls_s":"#)
-                    .num(entry.bottom)
+                    .num(u8::from(entry.bottom))
                     .raw(r#","mpls_exp":"#)
                     .num(entry.exp)
                     .raw(r#","mpls_label":"#)
                     .num(entry.label)
                     .raw("}");
+                labels.push(entry);
             }
             out.raw("]");
         }
@@ -327,6 +329,7 @@ fn write_icmpext(out: &mut String, extension: &[u8]) {
     if objects > 0 {
         out.raw("]");
     }
+    labels
 }
 
 /// The IP length of a probe whose encoded bytes are `encoded` (IPv6 probes are encoded without

@@ -319,6 +319,13 @@ fn icmp_extensions_print_as_scamper_prints_them_and_read_back() {
     );
     assert!(!hops[2].contains("icmpext"), "{}", hops[2]);
     assert_eq!(text.matches("icmpext").count(), 1);
+    // The summary has the labels, as reading the lines back gives them.
+    let summary = scamper_json::summarize(text.as_bytes()).expect("summarize");
+    let labels: Vec<(u32, bool)> = (summary.hops[1].mpls_labels.iter())
+        .map(|l| (l.label, l.bottom))
+        .collect();
+    assert_eq!(labels, [(16, false), (0xABCDE, true)]);
+    assert!(summary.hops[2].mpls_labels.is_empty());
     // Valid JSON whose hops read back as without extensions.
     let trace: Value =
         serde_json::from_str(text.lines().nth(1).expect("trace line")).expect("json");
