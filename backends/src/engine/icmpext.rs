@@ -5,9 +5,15 @@
 //! error message longer than its 8-byte header, the 128 bytes the quote is padded to and a
 //! 4-byte extension header holds an extension structure at byte 136, if that structure says
 //! version 2 (in its first four bits; on IPv4 also as a whole first byte, which some routers
-//! send) and its checksum is zero (not computed) or right. Every object is kept, where
-//! scamper's parser stops at the first of several and prints none of them; like scamper, an
-//! object whose data is shorter than 4 bytes is left out.
+//! send) and its checksum is zero (not computed) or right. Like scamper, an object whose data
+//! is shorter than 4 bytes is left out.
+//!
+//! One deliberate difference: every object is kept. scamper 20211212 prints an object only
+//! when a single one fills the structure (its walk stops at an object that ends before the
+//! structure does), so for a router that sends its label stack beside another object, such as
+//! RFC 5837 interface information, scamper prints no `icmpext` and its hop has no labels, where
+//! the engine prints both objects and its hop has the labels. The common case, one label stack
+//! object, prints the same from both.
 
 use etherparse::checksum::Sum16BitWords;
 use etherparse::{IpNumber, Ipv4Slice};
@@ -32,6 +38,8 @@ pub fn find(packet: &[u8], from: Listener) -> Option<&[u8]> {
     }
     let (message, v4) = match from {
         Listener::IcmpV4 => {
+            // An error longer than the receive buffer (1280 bytes; routers keep ICMPv4 errors
+            // to 576) arrives cut, fails the length check here and keeps no extension.
             let ip = Ipv4Slice::from_slice(packet).ok()?;
             let payload = ip.payload();
             if payload.ip_number != IpNumber::ICMP || payload.fragmented {

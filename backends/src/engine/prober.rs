@@ -116,11 +116,10 @@ impl Machine {
         }
     }
 
-    /// Whether the reply was taken: false for a second answer to one probe (or one to an
-    /// attempt never sent).
     /// Hands the trace a reply, with the ICMP extension structure its packet carried; false
-    /// when the trace does not take it. Only single-path traces keep extensions: scamper prints
-    /// them in `trace` hops, not in `tracelb` replies.
+    /// when the trace does not take it (a second answer to one probe, or one to an attempt
+    /// never sent). Only single-path traces keep extensions: scamper prints them in `trace`
+    /// hops, not in `tracelb` replies.
     fn on_reply(
         &mut self,
         flow: FlowIx,
