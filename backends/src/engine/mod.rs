@@ -165,6 +165,14 @@ pub enum Kind {
     TcpSynAck,
 }
 
+impl Kind {
+    /// An ICMP error (time exceeded or unreachable): a reply that quotes the probe and may
+    /// carry ICMP extensions, and that routers rate-limit.
+    pub fn is_icmp_error(self) -> bool {
+        matches!(self, Kind::TimeExceeded | Kind::Unreachable { .. })
+    }
+}
+
 impl From<Kind> for crate::ReplyKind {
     fn from(kind: Kind) -> Self {
         match kind {

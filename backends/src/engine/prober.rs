@@ -203,37 +203,6 @@ pub struct Counters {
     pub limited_routers: AtomicU64,
 }
 
-/// What one batch of packets counted, before it is added to the [`Counters`].
-#[derive(Debug, Default)]
-struct Tally {
-    replies: u64,
-    duplicates: u64,
-    strays: u64,
-    late: u64,
-    unstamped: u64,
-}
-
-impl Tally {
-    fn add_to(&self, counters: &Counters) {
-        add_counts([
-            (&counters.replies, self.replies),
-            (&counters.duplicates, self.duplicates),
-            (&counters.strays, self.strays),
-            (&counters.late, self.late),
-            (&counters.unstamped, self.unstamped),
-        ]);
-    }
-}
-
-/// Adds each count to its counter, touching only those that changed.
-fn add_counts<const N: usize>(counts: [(&AtomicU64, u64); N]) {
-    for (counter, n) in counts {
-        if n > 0 {
-            counter.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-}
-
 /// Jobs waiting for the prober, and the eventfd that wakes it.
 #[derive(Debug)]
 pub struct Inbox {
@@ -416,23 +385,6 @@ impl Sender {
 
     /// Sends the pending probes due at `now`; the time of the next one, if any.
     fn send_due(&mut self, r: &mut Running, now: Instant) -> Result<Option<Instant>, EngineError> {
-        // (queued, lost), added to the counters once.
-        let mut sent = (0, 0);
-        let next = self.send_due_counted(r, now, &mut sent);
-        let counters = &self.shared.counters;
-        add_counts([
-            (&counters.probes_sent, sent.0),
-            (&counters.probes_lost, sent.1),
-        ]);
-        next
-    }
-
-    fn send_due_counted(
-        &mut self,
-        r: &mut Running,
-        now: Instant,
-        (queued_count, lost_count): &mut (u64, u64),
-    ) -> Result<Option<Instant>, EngineError> {
         while let Some(&(at, probe)) = r.pending.last() {
             if at > now {
                 return Ok(Some(at));
@@ -447,11 +399,13 @@ impl Sender {
                 .shared
                 .sockets
                 .send(&flow, &self.packet, encoded.hop_limit)?;
-            if queued {
-                *queued_count += 1;
+            let counters = &self.shared.counters;
+            let counter = if queued {
+                &counters.probes_sent
             } else {
-                *lost_count += 1;
-            }
+                &counters.probes_lost
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             r.probe_size = probe_size(flow.dst, encoded.bytes);
             r.machine.sent(probe, tx);
         }
@@ -843,49 +797,45 @@ impl Prober {
         // One reading of the clocks per batch, taken when the batch is in: every packet of it
         // was queued before the read returned.
         let mut read_at = None;
-        // Counted here and added once per batch: an atomic add per packet waits for the
-        // packet's stores into its trace (cold memory) to drain.
-        let mut tally = Tally::default();
         let read = reader.read_ready(&shared.sockets, |packet| {
             let rx = arrival(packet.arrived, *read_at.get_or_insert_with(clocks_now));
-            let count = match decode(shared, flows, which, packet) {
+            let counters = &shared.counters;
+            let counter = match decode(shared, flows, which, packet) {
                 // Shaped like ours, for no running trace: late (or another prober's).
-                Err(super::Stray::NoFlow) => &mut tally.late,
-                Err(_) => &mut tally.strays,
+                Err(super::Stray::NoFlow) => &counters.late,
+                Err(_) => &counters.strays,
                 Ok((reply, owner)) => {
                     let running = traces
                         .get_mut(owner.trace)
                         .and_then(Option::as_mut)
                         .map(|r| (owner, r));
                     match running {
-                        None => &mut tally.late,
+                        None => &counters.late,
                         Some((owner, r)) => {
                             if packet.arrived.is_none() {
-                                tally.unstamped += 1;
+                                counters.unstamped.fetch_add(1, Ordering::Relaxed);
                             }
-                            let extension = matches!(
-                                reply.kind,
-                                super::Kind::TimeExceeded | super::Kind::Unreachable { .. }
-                            )
-                            .then(|| icmpext::find(packet.bytes, which))
-                            .flatten();
+                            let extension = reply
+                                .kind
+                                .is_icmp_error()
+                                .then(|| icmpext::find(packet.bytes, which))
+                                .flatten();
                             if r.machine.on_reply(owner.flow, reply, rx, extension) {
                                 learn(routers.as_mut(), &reply);
                                 if !r.ready {
                                     r.ready = true;
                                     ready.push(owner.trace);
                                 }
-                                &mut tally.replies
+                                &counters.replies
                             } else {
-                                &mut tally.duplicates
+                                &counters.duplicates
                             }
                         }
                     }
                 }
             };
-            *count += 1;
+            counter.fetch_add(1, Ordering::Relaxed);
         });
-        tally.add_to(&shared.counters);
         shared.counters.kernel_drops[i].store(reader.kernel_drops(), Ordering::Relaxed);
         read.unwrap_or_else(|e| {
             self.receive_failures += 1;
@@ -964,10 +914,7 @@ fn arrival(arrived: Option<Duration>, (mono, wall): (Instant, Duration)) -> Inst
 /// rate limited).
 fn learn(routers: Option<&mut RouterPacing>, reply: &Reply) {
     if let Some(routers) = routers
-        && matches!(
-            reply.kind,
-            super::Kind::TimeExceeded | super::Kind::Unreachable { .. }
-        )
+        && reply.kind.is_icmp_error()
     {
         routers.learn(reply.flow_dst, reply.id.ttl, reply.from);
     }

@@ -45,7 +45,7 @@ fn answers(flow: &Flow, start: Instant) -> Vec<Answer> {
                 (true, Probe::Udp, false) => (Kind::Unreachable { code: 4 }, Some((1, 4)), None),
                 (true, Probe::Tcp, _) => (Kind::TcpReset, None, Some(20)),
             };
-            let quoted = matches!(kind, Kind::TimeExceeded | Kind::Unreachable { .. });
+            let quoted = kind.is_icmp_error();
             let tx = start + Duration::from_millis(u64::from(ttl));
             Answer {
                 reply: Reply {

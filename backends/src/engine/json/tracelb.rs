@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use super::text::Append;
 use super::{Clock, HostName, Rtt, cycle_lines};
+use crate::engine::Flow;
 use crate::engine::mda::{FlowIx, Link, MdaTrace};
 use crate::engine::paris::Answer;
-use crate::engine::{Flow, Kind};
 use crate::{Probe, ScamperJsonError, TraceOutput};
 
 /// Everything a `tracelb` line says besides what the [`MdaTrace`] holds.
@@ -217,7 +217,7 @@ fn write_probe(out: &mut String, answer: &Answer, flow_id: u16, clock: &Clock) {
             out.field("icmp_type", icmp_type)
                 .field("icmp_code", icmp_code)
                 .field("icmp_q_tos", packet.quoted_tos);
-            if matches!(reply.kind, Kind::TimeExceeded | Kind::Unreachable { .. }) {
+            if reply.kind.is_icmp_error() {
                 out.field("icmp_q_ttl", reply.quoted_ttl.unwrap_or(0));
             }
         }

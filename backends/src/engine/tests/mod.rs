@@ -309,7 +309,7 @@ fn every_reply_round_trips_for_every_family_kind_ttl_and_attempt() {
                 assert_eq!((reply.sport, reply.dport), (flow.sport, flow.dport));
                 assert_eq!(reply.probe, flow.probe);
                 assert_eq!(reply.id, id);
-                let errored = matches!(kind, Kind::TimeExceeded | Kind::Unreachable { .. });
+                let errored = kind.is_icmp_error();
                 assert_eq!(reply.quoted_ttl, errored.then_some(1));
             }
         }
