@@ -6,13 +6,18 @@
 //! do not limit, and the throughput lab turns the limits off); it paces a router once it shows
 //! the limit:
 //!
-//! - every reply teaches which router answers at which TTL towards a destination prefix (/24 on
-//!   IPv4, /64 on IPv6, so new destinations of a known network find their routers);
-//! - a probe retried at a TTL where a router is known counts as that router's silence;
-//! - from its first silence on, *retries* to the router are spaced by its family's interval,
+//! - every reply teaches which routers answer at which TTL towards a destination prefix (/24
+//!   on IPv4, /64 on IPv6, so new destinations of a known network find their routers); behind
+//!   a load balancer the flows of one prefix reach several routers at the same TTL, so the
+//!   engine keeps up to [`WIDTH`] of them, the most recent first;
+//! - a probe retried at a TTL where routers are known counts as a silence of each of them (it
+//!   cannot tell which branch its flow takes);
+//! - from its first silence on, *retries* to a router are spaced by its family's interval,
 //!   one at a time in the order they were asked for (a GCRA per router with no burst, since
 //!   the router's own burst is spent by the time it shows), so each finds a token in the
-//!   router's bucket; retries are few on a healthy network, so this costs little;
+//!   router's bucket; retries are few on a healthy network, so this costs little. A probe
+//!   whose TTL has several routers takes a turn free at all of them and books it at each, so
+//!   no branch of a load balancer gets more than its rate whichever branch the flow takes;
 //! - three silences within [`RouterLimits::hold`] (so one lost packet does not slow a router
 //!   down) mark the router *limited*: then first probes are spaced the same way, until `hold`
 //!   passes without a silence;
@@ -21,6 +26,11 @@
 //!   no turn, as without pacing (the router will likely not answer it). Otherwise a router
 //!   shared by many concurrent traces, such as the first hop, would queue probes past every
 //!   trace's deadline and fail them all.
+//!
+//! The intervals are the kernel's plus 5%: its bucket refills exactly one token per interval,
+//! counted in jiffies, and a probe the prober sends a little late brings the next one early;
+//! at exactly the kernel's rate that next probe finds no token. The headroom banks a little of
+//! the bucket with every paced probe, which absorbs such jitter.
 //!
 //! Everything else goes out at once. The arithmetic takes `now` as an argument, so it is tested
 //! without a clock.
@@ -32,9 +42,11 @@ use std::time::{Duration, Instant};
 /// How limited routers are paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouterLimits {
-    /// Gap between probes to a limited IPv4 router (Linux `net.ipv4.icmp_ratelimit`: 1 s).
+    /// Gap between probes to a limited IPv4 router (Linux `net.ipv4.icmp_ratelimit`, 1 s,
+    /// plus 5%: see the module docs).
     pub interval_v4: Duration,
-    /// Gap between probes to a limited IPv6 router (`net.ipv6.icmp.ratelimit`: 100 ms).
+    /// Gap between probes to a limited IPv6 router (`net.ipv6.icmp.ratelimit`, 100 ms, plus
+    /// 5%).
     pub interval_v6: Duration,
     /// How long a router stays limited after it last showed the limit.
     pub hold: Duration,
@@ -43,8 +55,8 @@ pub struct RouterLimits {
 impl Default for RouterLimits {
     fn default() -> Self {
         Self {
-            interval_v4: Duration::from_secs(1),
-            interval_v6: Duration::from_millis(100),
+            interval_v4: Duration::from_millis(1050),
+            interval_v6: Duration::from_millis(105),
             hold: Duration::from_secs(60),
         }
     }
@@ -57,6 +69,27 @@ const MAX_HINTS: usize = 65_536;
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Silences within `hold` that show a router's limit.
 const SILENCES: u32 = 3;
+/// Routers kept per (prefix, TTL): the branches of a load balancer the engine tells apart.
+pub const WIDTH: usize = 4;
+
+/// The routers that answered at one TTL towards one prefix, the most recent first.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen([Option<IpAddr>; WIDTH]);
+
+impl Seen {
+    /// Puts `router` first, dropping the oldest when full.
+    fn learn(&mut self, router: IpAddr) {
+        let at = (self.0.iter())
+            .position(|r| *r == Some(router) || r.is_none())
+            .unwrap_or(WIDTH - 1);
+        self.0[..=at].rotate_right(1);
+        self.0[0] = Some(router);
+    }
+
+    fn routers(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.0.iter().map_while(|r| *r)
+    }
+}
 
 /// A router that went silent recently.
 #[derive(Debug, Clone, Copy)]
@@ -81,8 +114,8 @@ impl Silent {
 #[derive(Debug)]
 pub struct RouterPacing {
     limits: RouterLimits,
-    /// (destination prefix, TTL) → the router that answered there last.
-    hints: HashMap<(IpAddr, u8), IpAddr>,
+    /// (destination prefix, TTL) → the routers that answered there.
+    hints: HashMap<(IpAddr, u8), Seen>,
     /// Routers silent recently.
     silent: HashMap<IpAddr, Silent>,
     /// Of those, the limited ones.
@@ -108,12 +141,15 @@ impl RouterPacing {
         if self.hints.len() >= MAX_HINTS {
             self.hints.clear();
         }
-        self.hints.insert((prefix(dst), ttl), router);
+        self.hints
+            .entry((prefix(dst), ttl))
+            .or_default()
+            .learn(router);
     }
 
-    /// A probe to `dst` at `ttl` went unanswered: a silence of the router known there.
+    /// A probe to `dst` at `ttl` went unanswered: a silence of each router known there.
     pub fn silent(&mut self, dst: IpAddr, ttl: u8, now: Instant) {
-        let Some(&router) = self.hints.get(&(prefix(dst), ttl)) else {
+        let Some(seen) = self.hints.get(&(prefix(dst), ttl)) else {
             return;
         };
         if self.silent.len() >= MAX_HINTS {
@@ -126,16 +162,18 @@ impl RouterPacing {
             next: now,
             until: now,
         };
-        let entry = self.silent.entry(router).or_insert(fresh);
-        // Forgotten already, though not yet pruned: as if new.
-        if entry.until <= now && entry.count > 0 {
-            *entry = fresh;
+        for router in seen.routers() {
+            let entry = self.silent.entry(router).or_insert(fresh);
+            // Forgotten already, though not yet pruned: as if new.
+            if entry.until <= now && entry.count > 0 {
+                *entry = fresh;
+            }
+            if now.saturating_duration_since(entry.since) > hold {
+                (entry.count, entry.since) = (0, now);
+            }
+            entry.count += 1;
+            entry.until = now + hold;
         }
-        if now.saturating_duration_since(entry.since) > hold {
-            (entry.count, entry.since) = (0, now);
-        }
-        entry.count += 1;
-        entry.until = now + hold;
         self.count(now);
     }
 
@@ -161,22 +199,25 @@ impl RouterPacing {
                 self.count(now);
             }
         }
-        let Some(&router) = self.hints.get(&(prefix(dst), ttl)) else {
+        let Some(seen) = self.hints.get(&(prefix(dst), ttl)) else {
             return now;
         };
-        let interval = self.interval(router);
-        let Some(silent) = self.silent.get_mut(&router) else {
+        // A router forgotten already (though not yet pruned) is not paced, nor one that is
+        // only silent for a first probe.
+        let paced = |s: &Silent| s.until > now && (retry || s.limited());
+        let turn = (seen.routers())
+            .filter_map(|r| self.silent.get(&r).filter(|s| paced(s)))
+            .map(|s| s.next.max(now))
+            .max();
+        let Some(at) = turn.filter(|at| *at <= latest) else {
             return now;
         };
-        // Forgotten already, though not yet pruned.
-        if silent.until <= now || !(retry || silent.limited()) {
-            return now;
+        let next = at + self.interval(dst);
+        for router in seen.routers() {
+            if let Some(s) = self.silent.get_mut(&router).filter(|s| paced(s)) {
+                s.next = next;
+            }
         }
-        let at = silent.next.max(now);
-        if at > latest {
-            return now;
-        }
-        silent.next = at + interval;
         at
     }
 
@@ -187,8 +228,9 @@ impl RouterPacing {
             .count();
     }
 
-    fn interval(&self, router: IpAddr) -> Duration {
-        match router {
+    /// The interval of the routers on the way to `dst` (of its family).
+    fn interval(&self, dst: IpAddr) -> Duration {
+        match dst {
             IpAddr::V4(_) => self.limits.interval_v4,
             IpAddr::V6(_) => self.limits.interval_v6,
         }
@@ -291,6 +333,55 @@ mod tests {
         let step = limits.interval_v4;
         assert_eq!(retries, [now, now + step, now + step * 2]);
         assert_eq!(pacing.reserve(dst, 1, now, false, far), now);
+    }
+
+    #[test]
+    fn a_ttl_keeps_its_routers_most_recent_first() {
+        let mut seen = Seen::default();
+        for n in [1, 2, 1, 3, 4, 5, 3] {
+            seen.learn(ip(&format!("10.77.3.{n}")));
+        }
+        let routers: Vec<IpAddr> = seen.routers().collect();
+        let expect: Vec<IpAddr> = [3, 5, 4, 1].map(|n| ip(&format!("10.77.3.{n}"))).into();
+        assert_eq!(routers, expect, "2 is the oldest, dropped for 5");
+    }
+
+    /// Behind a load balancer the flows of one prefix reach two routers at TTL 3; a retry may
+    /// be either's, so its turn is free at both and booked at both: neither branch gets more
+    /// than one probe per interval, whichever branch each flow takes.
+    #[test]
+    fn a_retry_behind_a_load_balancer_is_paced_for_every_branch() {
+        let limits = RouterLimits::default();
+        let mut pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        let far = now + DAY;
+        let (a, b) = (ip("10.77.3.2"), ip("10.77.4.2"));
+        pacing.learn(ip("10.77.100.5"), 3, a);
+        pacing.learn(ip("10.77.100.6"), 3, b);
+        // The branch seen first is busy with another network: its turns come first there.
+        pacing.learn(ip("10.88.0.1"), 3, a);
+        pacing.silent(ip("10.88.0.1"), 3, now);
+        let step = limits.interval_v4;
+        for i in 0..2u32 {
+            assert_eq!(
+                pacing.reserve(ip("10.88.0.1"), 3, now, true, far),
+                now + step * i
+            );
+        }
+        // One silence at TTL 3 of the /24 is a silence of both branches.
+        pacing.silent(ip("10.77.100.7"), 3, now);
+        let retries: Vec<Instant> = (0..3)
+            .map(|_| pacing.reserve(ip("10.77.100.8"), 3, now, true, far))
+            .collect();
+        assert_eq!(retries, [2, 3, 4].map(|i| now + step * i));
+        // ...and the other network's next turn at `a` comes after them.
+        assert_eq!(
+            pacing.reserve(ip("10.88.0.1"), 3, now, true, far),
+            now + step * 5
+        );
+        // First probes are not paced: neither branch is limited.
+        assert_eq!(pacing.reserve(ip("10.77.100.8"), 3, now, false, far), now);
+        assert_eq!(pacing.limited_routers(), 0);
     }
 
     #[test]
