@@ -1,7 +1,9 @@
 //! The engine's global probe budget: a generic cell rate algorithm (GCRA) over probes, shared
 //! by every trace. A trace reserves its whole batch and learns when it may send it; reservations
 //! queue in the order they were made, so no trace starves and the long-run rate never exceeds
-//! the budget, while up to `burst` probes may leave back to back after an idle spell.
+//! the budget, while `burst + 1` probes may leave back to back after an idle spell. A batch
+//! leaves whole, once its last probe conforms: one larger than `burst` (a multipath round on a
+//! wide load balancer) goes back to back, later, rather than spread.
 //!
 //! The arithmetic takes `now` as an argument, so it is tested without a clock.
 

@@ -348,23 +348,26 @@ struct Sender {
 impl Sender {
     /// One turn of trace `r` (slot `ix`) at `now`, woken by its `timer` or by replies: sends
     /// what is due, claims flows, reserves budget, polls the machine, until it has to wait or
-    /// is over.
+    /// is over. The machine is polled even while some of its probes wait for their turn (a
+    /// router's pacing can hold one for most of the trace's deadline): the rest of the trace
+    /// goes on meanwhile, and the machines wait for a probe asked for but not yet sent as for
+    /// one in flight.
     fn turn(&mut self, r: &mut Running, ix: usize, now: Instant, timer: bool) -> Turn {
-        // Checked when the trace's own timer wakes it (not on replies, not on a paced send:
-        // the flag's memory is cold by then, and this was a twentieth of the prober's time),
-        // so a trace whose caller left ends by its next wait-for-replies wake-up.
-        if timer && r.pending.is_empty() && r.done.is_closed() {
+        // Checked when the trace's own timer wakes it (not on replies: the flag's memory is
+        // cold by then, and checking on every wake-up was a twentieth of the prober's time),
+        // so a trace whose caller left ends by its next timed wake-up, and its probes still
+        // held for their turn are never sent.
+        if timer && r.done.is_closed() {
             return Turn::Gone;
         }
         if now >= r.deadline {
             return Turn::Failed(Failure::Deadline);
         }
         for _ in 0..ROUNDS_PER_TURN {
-            match self.send_due(r, now) {
+            let held = match self.send_due(r, now) {
                 Err(e) => return Turn::Failed(Failure::Send(e)),
-                Ok(Some(at)) => return Turn::Wait(at.min(r.deadline)),
-                Ok(None) => {}
-            }
+                Ok(held) => held,
+            };
             if !r.unsent.is_empty() {
                 if !self.claim(r, ix) {
                     return Turn::Wait((now + CLAIM_RETRY).min(r.deadline));
@@ -375,6 +378,7 @@ impl Sender {
             match r.machine.poll(now, &mut r.unsent) {
                 Polled::Done(stop) => return Turn::Done(stop),
                 Polled::Probe { wake } if r.unsent.is_empty() => {
+                    let wake = held.map_or(wake, |at| at.min(wake));
                     return Turn::Wait(wake.min(r.deadline));
                 }
                 Polled::Probe { .. } => {}

@@ -20,7 +20,9 @@
 //!   no branch of a load balancer gets more than its rate whichever branch the flow takes;
 //! - three silences within [`RouterLimits::hold`] (so one lost packet does not slow a router
 //!   down) mark the router *limited*: then first probes are spaced the same way, until `hold`
-//!   passes without a silence;
+//!   passes without a silence. Silence cannot be told from loss: a lossy link (or one branch
+//!   of a load balancer, whose silences count for its siblings too) slows its routers' first
+//!   probes to one per interval as well — still answered, only later;
 //! - a probe is held back only while its trace can still use the answer: one whose turn would
 //!   come later than the trace allows (its deadline less one wait) goes out at once and books
 //!   no turn, as without pacing (the router will likely not answer it). Otherwise a router

@@ -10,11 +10,17 @@
 //! The trace goes hop by hop. At TTL `t` the routers found at the previous responsive TTL are
 //! the *parents*; each parent `v` is expanded with flows known to pass through `v` (its
 //! *group*). A group that has seen `k` distinct next hops is done once `n(k + 1)` of its probes
-//! were answered ([`probes_to_rule_out`], the stopping rule at 95% or 99% confidence), or at the
-//! first answer from the destination (the path ends there), or when it stays silent.
+//! were settled ([`probes_to_rule_out`], the stopping rule at 95% or 99% confidence), or at the
+//! first answer from the destination (the path ends there). Silence counts as one more next
+//! hop, `*` (an anonymous router, as in the MDA papers): a probe that stays silent does not end
+//! its group, so the routers that do answer at that TTL are still found; a group whose `n(2)`
+//! probes all stay silent is a silent hop. An unreachable from a router ends that flow's branch,
+//! not the group.
 //!
 //! - When a group has too few flows through `v`, fresh flows are probed at `v`'s TTL to find
-//!   more (node control, as scamper's `tracelb`).
+//!   more (node control, as scamper's `tracelb`), at most [`NODE_CONTROL`] times the rule's
+//!   count per group and TTL: a parent that few flows reach (per-packet balancing, a route
+//!   change) is expanded with the flows found rather than spending the whole budget.
 //! - When there is a single parent, every flow passes through it, so any flow serves and no
 //!   probe is spent finding flows (the MDA-Lite observation, Vermeulen et al. 2018).
 //! - The first probe of a group at a new TTL goes alone: if it meets the destination, one probe
@@ -23,11 +29,18 @@
 //!   has used its `attempts` (each `wait` long).
 //! - A group with no answer carries its parent over the silent TTL; `gap_limit` silent TTLs
 //!   in a row end it. The trace ends when no group is left, at `max_ttl`, or when
-//!   `max_probes` were sent.
+//!   `max_probes` were sent (the TTL being probed then is closed with what it found).
+//! - Flows that stayed silent where others of their group answered are not followed further:
+//!   what lies behind an anonymous router beside responsive ones is found only through flows
+//!   that meet a responsive router later. Such silence, or a branch ending in an unreachable,
+//!   also means not every flow reaches the next TTL's parents, so a single parent there is
+//!   not taken as crossed by every flow.
 //!
 //! New routers found at a parent's TTL by the extra flows become parents too; the stopping
 //! rule at that earlier TTL is not re-run for them (one more node there than the rule was sized
-//! for), which is the same trade-off MDA-Lite makes.
+//! for), which is the same trade-off MDA-Lite makes. Their link in comes from the parent every
+//! flow crossed at the TTL before, when there was one; otherwise the probes cannot tell which
+//! router led to them and they have none.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -143,6 +156,10 @@ impl Cell {
     }
 }
 
+/// Fresh flows node control may probe for one group at one TTL, as a multiple of the number of
+/// probes the stopping rule asks of the group.
+pub const NODE_CONTROL: u32 = 2;
+
 /// A parent and the flows it is expanded with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Group {
@@ -154,6 +171,21 @@ struct Group {
     gap: u8,
     /// Every flow passes through the parent (it is the only one).
     any_flow: bool,
+    /// Fresh flows probed at the parent's TTL for this group (node control).
+    fresh: u32,
+}
+
+impl Group {
+    /// The group of router `parent`, found at `ttl`.
+    fn of(parent: IpAddr, ttl: u8) -> Self {
+        Self {
+            parent: Some(parent),
+            parent_ttl: ttl,
+            gap: 0,
+            any_flow: false,
+            fresh: 0,
+        }
+    }
 }
 
 /// What a group's probes at one TTL found.
@@ -162,7 +194,27 @@ struct Tally {
     answered: u32,
     silent: u32,
     next_hops: Vec<IpAddr>,
+    /// The destination answered: the path ends here.
     ends: bool,
+    /// Some answer ended its flow's branch (the destination, or an unreachable).
+    branch_ended: bool,
+}
+
+impl Tally {
+    /// Probes settled, answered or silent.
+    fn settled(&self) -> u32 {
+        self.answered + self.silent
+    }
+
+    /// Next hops seen, silence counting as one (`*`).
+    fn next_hop_count(&self) -> usize {
+        self.next_hops.len() + usize::from(self.silent > 0)
+    }
+
+    /// Every flow probed went on to a router of the next TTL.
+    fn all_go_on(&self) -> bool {
+        self.silent == 0 && !self.branch_ended
+    }
 }
 
 /// A link found: from a router, over `silent` unresponsive hops, to a router, the destination,
@@ -192,6 +244,8 @@ pub struct MdaTrace {
     /// The TTL being expanded.
     ttl: u8,
     groups: Vec<Group>,
+    /// The groups of the TTL before, as they were closed (to link late parents).
+    closed: Vec<Group>,
     links: Vec<Link>,
     probes_sent: u32,
     rejected: usize,
@@ -213,7 +267,9 @@ impl MdaTrace {
                 parent_ttl: 0,
                 gap: 0,
                 any_flow: true,
+                fresh: 0,
             }],
+            closed: Vec::new(),
             links: Vec::new(),
             probes_sent: 0,
             rejected: 0,
@@ -236,16 +292,21 @@ impl MdaTrace {
     }
 
     /// Takes a reply matched to flow `flow` of this trace; false (and counted) when no probe
-    /// is waiting for it: an attempt not sent, or a second answer to the same probe.
+    /// is waiting for it: an attempt not sent, a second answer to the same probe, or one to a
+    /// probe already settled silent (its TTL may be closed).
     pub fn on_reply(&mut self, flow: FlowIx, reply: Reply, rx: Instant) -> bool {
-        let accepted = self.cell_mut(reply.id.ttl, flow).and_then(|cell| {
-            if cell.answer.is_some() || reply.id.attempt >= cell.sent {
-                return None;
-            }
-            let tx = cell.tx[usize::from(reply.id.attempt)]?;
-            cell.answer = Some(Answer { reply, tx, rx });
-            Some(())
-        });
+        let open = self.open.contains(&(reply.id.ttl, flow));
+        let accepted = open
+            .then_some(())
+            .and_then(|()| self.cell_mut(reply.id.ttl, flow))
+            .and_then(|cell| {
+                if cell.answer.is_some() || reply.id.attempt >= cell.sent {
+                    return None;
+                }
+                let tx = cell.tx[usize::from(reply.id.attempt)]?;
+                cell.answer = Some(Answer { reply, tx, rx });
+                Some(())
+            });
         if accepted.is_none() {
             self.rejected += 1;
         }
@@ -295,6 +356,10 @@ impl MdaTrace {
         let room = self.config.max_probes.saturating_sub(self.probes_sent);
         send.truncate(usize::try_from(room).unwrap_or(usize::MAX));
         if send.is_empty() && self.open.is_empty() {
+            // Out of budget mid-TTL: what this TTL found is still linked.
+            if !self.groups.is_empty() {
+                self.close_ttl();
+            }
             self.done = true;
             return Step::Done;
         }
@@ -319,7 +384,7 @@ impl MdaTrace {
             self.adopt_late_parents();
             let mut send = Vec::new();
             for g in 0..self.groups.len() {
-                self.expand(self.groups[g], &mut send);
+                self.expand(g, &mut send);
             }
             if !send.is_empty() {
                 return send;
@@ -342,22 +407,27 @@ impl MdaTrace {
         {
             return;
         }
-        let mut late = Vec::new();
-        for cell in self.cells[usize::from(pttl)].values() {
+        let mut late: Vec<(IpAddr, FlowIx)> = Vec::new();
+        for (&flow, cell) in &self.cells[usize::from(pttl)] {
             if let Some(a) = cell.answer
                 && !ends_branch(&a.reply)
                 && !self.groups.iter().any(|g| g.parent == Some(a.reply.from))
-                && !late.contains(&a.reply.from)
+                && !late.iter().any(|&(v, _)| v == a.reply.from)
             {
-                late.push(a.reply.from);
+                late.push((a.reply.from, flow));
             }
         }
-        self.groups.extend(late.into_iter().map(|v| Group {
-            parent: Some(v),
-            parent_ttl: pttl,
-            gap: 0,
-            any_flow: false,
-        }));
+        // Linked from the router every flow crossed at the TTL before, if there was one.
+        let before = match self.closed.as_slice() {
+            [only] if only.any_flow => only.parent.map(|p| (p, only.gap)),
+            _ => None,
+        };
+        for &(v, flow) in &late {
+            if let Some((from, gap)) = before {
+                self.add_link(from, gap, Some(v), Some((pttl, flow)));
+            }
+            self.groups.push(Group::of(v, pttl));
+        }
     }
 
     /// Whether `flow` passes through `group`'s parent.
@@ -378,7 +448,8 @@ impl MdaTrace {
             match cell.answer {
                 Some(a) => {
                     tally.answered += 1;
-                    tally.ends |= ends_branch(&a.reply);
+                    tally.ends |= a.reply.from == a.reply.flow_dst;
+                    tally.branch_ended |= ends_branch(&a.reply);
                     if !tally.next_hops.contains(&a.reply.from) {
                         tally.next_hops.push(a.reply.from);
                     }
@@ -389,20 +460,20 @@ impl MdaTrace {
         tally
     }
 
-    /// Adds to `send` what `group` still needs at the current TTL.
-    fn expand(&mut self, group: Group, send: &mut Vec<MdaProbe>) {
+    /// Adds to `send` what group `g` still needs at the current TTL.
+    fn expand(&mut self, g: usize, send: &mut Vec<MdaProbe>) {
+        let group = self.groups[g];
         let tally = self.tally(group);
-        if tally.ends || (tally.answered == 0 && tally.silent > 0) {
+        if tally.ends {
             return;
         }
-        let need = if tally.answered == 0 {
+        let target = probes_to_rule_out(tally.next_hop_count() + 1, self.config.confidence);
+        let need = if tally.settled() == 0 {
             1
+        } else if tally.settled() >= target {
+            return;
         } else {
-            let target = probes_to_rule_out(tally.next_hops.len() + 1, self.config.confidence);
-            if tally.answered >= target || tally.silent >= target {
-                return;
-            }
-            target - tally.answered
+            target - tally.settled()
         };
         let ttl = self.ttl;
         let probed = &self.cells[usize::from(ttl)];
@@ -430,14 +501,18 @@ impl MdaTrace {
         }
         // Fresh flows: at this TTL when any flow will do, else at the parent's TTL to find
         // more that pass through it.
-        let fresh_ttl = if group.any_flow {
-            ttl
+        let (fresh_ttl, short) = if group.any_flow {
+            (ttl, short)
         } else {
-            group.parent_ttl
+            let left = (NODE_CONTROL * target).saturating_sub(group.fresh);
+            (group.parent_ttl, short.min(left as usize))
         };
         for _ in 0..short {
             let Some(flow) = self.new_flow() else { break };
             send.push(first_probe(flow, fresh_ttl));
+            if !group.any_flow {
+                self.groups[g].fresh += 1;
+            }
         }
     }
 
@@ -459,13 +534,22 @@ impl MdaTrace {
         // Whether every flow probed here went on to the next TTL's parents.
         let mut all_go_on = true;
         let groups = std::mem::take(&mut self.groups);
-        for group in groups {
+        for &group in &groups {
             let tally = self.tally(group);
-            all_go_on &= !tally.ends;
+            all_go_on &= tally.all_go_on();
+            if tally.settled() == 0 {
+                // Never probed here (out of budget or of flows through it): nothing known.
+                all_go_on = false;
+                continue;
+            }
             if tally.answered == 0 {
                 let gap = group.gap + 1;
                 if gap < self.config.gap_limit {
-                    next.push(Group { gap, ..group });
+                    next.push(Group {
+                        gap,
+                        fresh: 0,
+                        ..group
+                    });
                 } else {
                     all_go_on = false;
                     if let Some(from) = group.parent {
@@ -484,15 +568,11 @@ impl MdaTrace {
                     self.add_link(from, group.gap, Some(reply.from), Some((ttl, flow)));
                 }
                 if !ends_branch(&reply) && !next.iter().any(|g| g.parent == Some(reply.from)) {
-                    next.push(Group {
-                        parent: Some(reply.from),
-                        parent_ttl: ttl,
-                        gap: 0,
-                        any_flow: false,
-                    });
+                    next.push(Group::of(reply.from, ttl));
                 }
             }
         }
+        self.closed = groups;
         // A single parent that every flow reaches: any flow passes through it. (A parent
         // carried over silence keeps what it had.)
         if let [only] = next.as_mut_slice()

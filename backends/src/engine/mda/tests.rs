@@ -40,12 +40,18 @@ pub(crate) fn branch(flow: FlowIx, salt: u32, ways: u32) -> u32 {
 /// The lab: r1 (1.2), r2 (2.2), then r3a (3.2) or r3b (4.2) by flow hash, then r4 answering
 /// from the interface the probe came in on (5.2 from r3a, 6.2 from r3b), then the destination.
 fn lab(salt: u32) -> impl Fn(FlowIx, ProbeId) -> Option<Reply> {
+    diamond(salt, false)
+}
+
+/// [`lab`], with r3b `anonymous` (never answering) if asked.
+fn diamond(salt: u32, anonymous: bool) -> impl Fn(FlowIx, ProbeId) -> Option<Reply> {
     move |flow, id| {
         let a = branch(flow, salt, 2) == 0;
         let from = match id.ttl {
             1 => ip(1, 2),
             2 => ip(2, 2),
             3 if a => ip(3, 2),
+            3 if anonymous => return None,
             3 => ip(4, 2),
             4 if a => ip(5, 2),
             4 => ip(6, 2),
@@ -214,8 +220,12 @@ fn a_lost_probe_is_retried_and_a_silent_hop_is_crossed() {
     assert!(sent.iter().any(|p| p.id.ttl == 1 && p.id.attempt == 1));
     let expect: BTreeSet<_> = [(ip(1, 2), 1, Some(DST))].into();
     assert_eq!(links(&trace), expect);
-    // Two waits: the retry at TTL 1 and the silent probe (both attempts) at TTL 2.
-    assert!(took >= 3 * WAIT && took < 4 * WAIT, "{took:?}");
+    // A hop is silent only once n(2) = 6 flows stayed silent there, each after both attempts.
+    let silent = sent.iter().filter(|p| p.id.ttl == 2).count();
+    assert_eq!(silent, 6 * 2);
+    // Five waits: the retry at TTL 1, then at TTL 2 the lone first probe's two attempts and
+    // the other five flows' two.
+    assert!(took >= 5 * WAIT && took < 6 * WAIT, "{took:?}");
 }
 
 #[test]
@@ -290,4 +300,157 @@ fn replies_nobody_waits_for_are_rejected() {
     assert!(trace.on_reply(probe.flow, r, t0));
     assert!(!trace.on_reply(probe.flow, r, t0), "a duplicate");
     assert_eq!(trace.rejected(), 4);
+}
+
+/// A silent first probe does not hide the router beside an anonymous one, and flows that went
+/// through the anonymous router are not credited to its sibling at the next TTL.
+#[test]
+fn an_anonymous_router_hides_neither_its_sibling_nor_makes_false_links() {
+    // What a trace may report: the responsive path, and, when every probe at TTL 3 happened
+    // to take the anonymous branch (a 1/64 chance), TTL 4 seen across a silent hop.
+    let truth: BTreeSet<_> = [
+        (ip(1, 2), 0, Some(ip(2, 2))),
+        (ip(2, 2), 0, Some(ip(3, 2))),
+        (ip(3, 2), 0, Some(ip(5, 2))),
+        (ip(5, 2), 0, Some(DST)),
+        (ip(2, 2), 1, Some(ip(5, 2))),
+        (ip(2, 2), 1, Some(ip(6, 2))),
+        (ip(6, 2), 0, Some(DST)),
+    ]
+    .into();
+    let mut found = 0;
+    for salt in 0..200 {
+        let mut trace = MdaTrace::new(config(Confidence::P95));
+        run(&mut trace, diamond(salt, true));
+        let links = links(&trace);
+        assert!(links.is_subset(&truth), "salt {salt}: {links:?}");
+        found += usize::from(links.contains(&(ip(2, 2), 0, Some(ip(3, 2)))));
+    }
+    assert!(found >= 190, "3.2 found in {found} of 200");
+}
+
+/// An unreachable from one next hop ends that branch, not the search for the others.
+#[test]
+fn an_unreachable_next_hop_does_not_stop_the_stopping_rule() {
+    let mut whole = 0;
+    for salt in 0..200 {
+        let mut trace = MdaTrace::new(config(Confidence::P95));
+        run(&mut trace, |flow, id| {
+            let way = branch(flow, salt, 4) as u8;
+            Some(match (id.ttl, way) {
+                (1, _) => reply(id, ip(1, 2), Kind::TimeExceeded),
+                // Administratively prohibited, from a router.
+                (2, 0) => reply(id, ip(2, 9), Kind::Unreachable { code: 13 }),
+                (2, w) => reply(id, ip(2, 1 + w), Kind::TimeExceeded),
+                _ => reply(id, DST, Kind::Unreachable { code: 3 }),
+            })
+        });
+        let next: BTreeSet<IpAddr> = (trace.links().iter())
+            .filter(|l| l.from == ip(1, 2))
+            .filter_map(|l| l.to)
+            .collect();
+        whole += usize::from(next.len() == 4);
+    }
+    assert!(whole >= 190, "all four next hops in {whole} of 200");
+}
+
+/// A parent that one flow alone reaches (per-packet balancing, a route change) is expanded
+/// with what node control finds in a bounded number of fresh flows, not the whole budget.
+#[test]
+fn node_control_gives_up_on_a_parent_few_flows_reach() {
+    let mut trace = MdaTrace::new(config(Confidence::P95));
+    let (sent, _) = run(&mut trace, |flow, id| {
+        let from = match id.ttl {
+            1 => ip(1, 2),
+            2 if flow == 0 => ip(2, 9),
+            2 => ip(2, 2),
+            3 => ip(3, 2),
+            _ => return Some(reply(id, DST, Kind::Unreachable { code: 3 })),
+        };
+        Some(reply(id, from, Kind::TimeExceeded))
+    });
+    assert!(sent.len() < 80, "{} probes", sent.len());
+    let links = links(&trace);
+    for link in [
+        (ip(2, 9), 0, Some(ip(3, 2))),
+        (ip(2, 2), 0, Some(ip(3, 2))),
+        (ip(3, 2), 0, Some(DST)),
+    ] {
+        assert!(links.contains(&link), "{link:?} in {links:?}");
+    }
+}
+
+/// A router found at a parent's TTL only by node control's fresh flows is linked from the
+/// router before it when every flow crossed that one.
+#[test]
+fn a_router_found_by_node_control_is_linked_in() {
+    let mut late = 0;
+    for salt in 0..50 {
+        let mut trace = MdaTrace::new(config(Confidence::P95));
+        // Two ways for the first eleven flows (the ones the rule spends at TTL 2), three after.
+        run(&mut trace, |flow, id| {
+            let way = if flow < 11 {
+                branch(flow, salt, 2)
+            } else {
+                branch(flow, salt, 3)
+            } as u8;
+            let from = match id.ttl {
+                1 => ip(1, 2),
+                2 => ip(2, 2 + way),
+                3 => ip(3, 2 + way),
+                _ => return Some(reply(id, DST, Kind::Unreachable { code: 3 })),
+            };
+            Some(reply(id, from, Kind::TimeExceeded))
+        });
+        let links = links(&trace);
+        // Every router with a link out has one in.
+        for (from, _, _) in &links {
+            if *from != ip(1, 2) {
+                assert!(
+                    links.iter().any(|(_, _, to)| *to == Some(*from)),
+                    "salt {salt}: nothing leads to {from}: {links:?}"
+                );
+            }
+        }
+        late += usize::from(links.contains(&(ip(1, 2), 0, Some(ip(2, 4)))));
+    }
+    assert!(late > 0, "the third way was never found late");
+}
+
+/// Out of budget in the middle of a TTL, what that TTL found is still linked.
+#[test]
+fn the_last_ttl_probed_is_linked_when_the_budget_runs_out() {
+    let mut trace = MdaTrace::new(MdaConfig {
+        max_probes: 14,
+        ..config(Confidence::P95)
+    });
+    let (sent, _) = run(&mut trace, |_, id| {
+        Some(reply(id, ip(id.ttl, 2), Kind::TimeExceeded))
+    });
+    assert_eq!(sent.len(), 14);
+    assert!(links(&trace).contains(&(ip(2, 2), 0, Some(ip(3, 2)))));
+}
+
+/// A reply to a probe already settled silent (both attempts waited out) is not taken: its TTL
+/// may already be closed.
+#[test]
+fn a_reply_after_its_probe_was_given_up_is_rejected() {
+    let mut trace = MdaTrace::new(config(Confidence::P95));
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut first = None;
+    // Both attempts of the first probe go unanswered; then the trace moves on.
+    for _ in 0..3 {
+        if let Step::Probe { send, wake } = trace.poll(now) {
+            for p in send {
+                trace.sent(p, now);
+                first.get_or_insert(p);
+            }
+            now = wake;
+        }
+    }
+    let probe = first.expect("a probe");
+    let late = reply(probe.id, ip(1, 2), Kind::TimeExceeded);
+    assert!(!trace.on_reply(probe.flow, late, now));
+    assert_eq!(trace.rejected(), 1);
 }
