@@ -178,6 +178,19 @@ impl<V: Clone, W> IpCache<V, W> {
         waiters
     }
 
+    /// Takes the first waiter of the flight for `ip` out of it (to own the trace in place of
+    /// an owner that cannot take its result); the flight goes on with the others.
+    pub fn promote(&self, ip: IpAddr) -> Option<W> {
+        let mut inner = self.lock();
+        let waiters = inner.in_flight.get_mut(&canonical(ip))?;
+        if waiters.is_empty() {
+            return None;
+        }
+        let first = waiters.remove(0);
+        inner.waiting -= 1;
+        Some(first)
+    }
+
     /// Ends the flight for `ip` with nothing to remember (aborted, shed, not written); returns
     /// the waiters.
     pub fn abandon(&self, ip: IpAddr) -> Vec<W> {
@@ -312,7 +325,11 @@ mod tests {
             assert_eq!(c.lookup(ip("2.2.2.2"), w, false), Lookup::Joined);
         }
         assert_eq!(c.lookup(ip("2.2.2.2"), 4, false), Lookup::TooManyWaiters(4));
-        assert_eq!(c.abandon(ip("2.2.2.2")), vec![1, 2, 3]);
+        // The first waiter taken out to own the trace makes room for another.
+        assert_eq!(c.promote(ip("2.2.2.2")), Some(1));
+        assert_eq!(c.lookup(ip("2.2.2.2"), 4, false), Lookup::Joined);
+        assert_eq!(c.abandon(ip("2.2.2.2")), vec![2, 3, 4]);
+        assert_eq!(c.promote(ip("2.2.2.2")), None);
         assert_eq!(c.lookup(ip("2.2.2.2"), 5, false), Lookup::Miss(5));
     }
 

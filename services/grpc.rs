@@ -223,7 +223,27 @@ impl Hoptrace for HoptraceService {
     ) -> Result<Response<proto::ReportClosesResponse>, Status> {
         let mut events = request.into_inner();
         let mut summary = proto::ReportClosesResponse::default();
-        while let Some(event) = events.message().await? {
+        loop {
+            let event = match events.message().await {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                // A message that cannot be read (over --max-request-bytes, not protobuf) ends
+                // the stream; the events before it are already accepted, so their summary is
+                // still the answer, with the break listed where it happened.
+                Err(status) => {
+                    tracing::warn!(after = summary.received, error = %status, "event stream broke");
+                    summary.rejections.push(proto::Rejection {
+                        index: summary.received,
+                        connection_id: String::new(),
+                        disposition: proto::Disposition::Invalid as i32,
+                        reason: format!(
+                            "the stream broke here, nothing after it was read: {}",
+                            status.message()
+                        ),
+                    });
+                    break;
+                }
+            };
             let index = summary.received;
             summary.received += 1;
             let connection_id = event.connection_id.clone();

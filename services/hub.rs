@@ -204,7 +204,11 @@ impl Hub {
         let mut inner = self.lock();
         let id = inner.next_subscriber;
         inner.next_subscriber += 1;
-        inner.subscribers.insert(id, tx);
+        // Once closed (checked under the lock `close` clears the queues with), no new live
+        // queue: the subscriber gets the backlog, then its queue ends with the hub.
+        if !self.closed.load(Ordering::SeqCst) {
+            inner.subscribers.insert(id, tx);
+        }
         // A cursor past the newest record (a client's own invention) means "from now on":
         // taken at face value it would skip the next records until their number reached it.
         let newest = inner.next_seq - 1;
@@ -463,6 +467,30 @@ mod tests {
         publish(&s, 51);
         let (seqs, _) = collect(&mut slow, 1).await;
         assert_eq!(seqs, [51]);
+    }
+
+    /// A subscription that starts after the hub closed (a call queued behind the server's
+    /// concurrency limit during shutdown) gets what is retained and ends, rather than waiting
+    /// for records that will never come and holding the shutdown up.
+    #[tokio::test]
+    async fn a_subscription_after_close_replays_and_ends() {
+        let s = setup(16, 100);
+        publish(&s, 1);
+        s.hub.close();
+        let mut rx = s
+            .hub
+            .subscribe(
+                Arc::clone(&s.store),
+                Some(Cursor { run: 7, seq: 0 }),
+                Filter::default(),
+                4,
+            )
+            .expect("subscribed");
+        let (seqs, _) = collect(&mut rx, 1).await;
+        assert_eq!(seqs, [1]);
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(end, Ok(None)), "the subscription ended: {end:?}");
+        assert_eq!(s.hub.live_subscribers(), 0);
     }
 
     #[tokio::test]

@@ -372,8 +372,12 @@ impl Pipeline {
         match self.cache.lookup(dst, requester, fresh) {
             Lookup::Hit(original, requester) => {
                 self.metrics.traces_skipped.inc();
-                self.spawn_cached_copy(original, requester).await;
-                Ok(Disposition::Cached)
+                if self.spawn_cached_copy(original, requester).await {
+                    Ok(Disposition::Cached)
+                } else {
+                    // Shutting down: no copy will be written (counted aborted).
+                    Err(PipelineError::Aborted)
+                }
             }
             Lookup::Joined => {
                 self.metrics.traces_skipped.inc();
@@ -444,8 +448,14 @@ impl Pipeline {
     }
 
     /// Writes a cached copy of `original` for `requester` in the background, holding one of
-    /// the bounded write permits (the caller waits for a permit, not for the write).
-    async fn spawn_cached_copy(self: &Arc<Self>, original: Arc<TraceRecord>, requester: Requester) {
+    /// the bounded write permits (the caller waits for a permit, not for the write); false
+    /// when none will be written because the service is shutting down (the requester is
+    /// answered and counted aborted).
+    async fn spawn_cached_copy(
+        self: &Arc<Self>,
+        original: Arc<TraceRecord>,
+        requester: Requester,
+    ) -> bool {
         // Waiting for a permit happens in the caller's future (a gRPC call that its client
         // may cancel): if it is dropped there, the requester still ends counted, as aborted.
         let mut waiting = Unanswered {
@@ -454,18 +464,19 @@ impl Pipeline {
         };
         let permit = Arc::clone(&self.cached_writes).acquire_owned().await;
         let Some(requester) = waiting.requester.take() else {
-            return;
+            return false;
         };
         let Ok(permit) = permit else {
             self.metrics.terminal("aborted", None, 1);
             requester.answer(Err(PipelineError::Aborted));
-            return;
+            return false;
         };
         let pipeline = Arc::clone(self);
         tokio::spawn(async move {
             pipeline.write_cached_copy(&original, requester).await;
             drop(permit);
         });
+        true
     }
 
     async fn write_cached_copy(&self, original: &Arc<TraceRecord>, requester: Requester) {
@@ -570,22 +581,40 @@ impl Pipeline {
 
     /// Writes the file of a finished trace, publishes and caches its record, answers its
     /// owner and writes the waiters' cached copies.
-    async fn finish(self: Arc<Self>, dst: IpAddr, owner: Requester, output: TraceOutput) {
-        let store = Arc::clone(&self.store);
-        let id = owner.id.clone();
-        let lines = output.lines;
+    async fn finish(self: Arc<Self>, dst: IpAddr, mut owner: Requester, output: TraceOutput) {
         let start = output.summary.start_time;
-        let written = tokio::task::spawn_blocking(move || store.write(&id, &lines, start, None))
-            .await
-            .unwrap_or_else(|e| Err(join_error(e)));
-        let file = match written {
-            Ok(file) => file,
-            Err(e) => {
-                let reason = self.store_failure(&e, &owner.id);
-                let waiters = self.cache.abandon(dst);
-                let error = PipelineError::Store(e.to_string());
-                return self.settle_all(owner, waiters, "failed", Some(reason), error);
+        let mut lines = output.lines;
+        let file = loop {
+            let store = Arc::clone(&self.store);
+            let id = owner.id.clone();
+            let text = std::mem::take(&mut lines);
+            let written = tokio::task::spawn_blocking(move || {
+                let written = store.write(&id, &text, start, None);
+                (written, text)
+            })
+            .await;
+            let e = match written {
+                Ok((Ok(file), _)) => break file,
+                Ok((Err(e), back)) => {
+                    lines = back;
+                    e
+                }
+                Err(e) => join_error(e),
+            };
+            let reason = self.store_failure(&e, &owner.id);
+            let error = PipelineError::Store(e.to_string());
+            // The owner's id has its file already (a duplicate event): that is the owner's
+            // fault alone, and the trace is good: a waiter takes it over under its own id.
+            if let StoreError::Exists(_) = e
+                && let Some(next) = self.cache.promote(dst)
+            {
+                self.metrics.terminal("failed", Some(reason), 1);
+                owner.answer(Err(error));
+                owner = next;
+                continue;
             }
+            let waiters = self.cache.abandon(dst);
+            return self.settle_all(owner, waiters, "failed", Some(reason), error);
         };
         // Durable now: only from here on is the record cached and published.
         let record = self.hub.publish(TraceRecord {
@@ -646,5 +675,188 @@ fn join_error(e: tokio::task::JoinError) -> StoreError {
         op: "write (task failed)",
         path: Default::default(),
         source: std::io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::num::NonZeroUsize;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use hoptrace_backends::{Limits, Probe};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::event::{InvalidEvent, RawEvent, Source};
+    use crate::hub::HubConfig;
+    use crate::policy::Refusal;
+
+    const LINES: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/backends/tests/fixtures/scamper-20211212/trace-icmp-paris.json"
+    ));
+    /// The fixture's `start_time`.
+    const START: i64 = 1_795_314_448;
+    const DST: &str = "10.77.100.5";
+
+    /// A tracer whose traces end, with the fixture, when the test lets them.
+    #[derive(Debug)]
+    struct Gated(Arc<Notify>);
+
+    #[async_trait]
+    impl Tracer for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+
+        async fn trace(
+            &self,
+            _: &hoptrace_backends::TraceRequest,
+        ) -> Result<TraceOutput, TraceError> {
+            self.0.notified().await;
+            Ok(TraceOutput::from_lines(LINES.as_bytes().to_vec())?)
+        }
+    }
+
+    struct Setup {
+        pipeline: Arc<Pipeline>,
+        gate: Arc<Notify>,
+        stop: watch::Sender<bool>,
+        workers: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sources: Vec<_> = Source::ALL.iter().map(|s| s.label()).collect();
+        let refusals: Vec<_> = Refusal::ALL.iter().map(|r| r.label()).collect();
+        let failures: Vec<_> = failure_reasons().collect();
+        let (metrics, _) = Metrics::new(&sources, &refusals, &failures, &InvalidEvent::LABELS);
+        let metrics = Arc::new(metrics);
+        let gate = Arc::new(Notify::new());
+        let hub = HubConfig {
+            queue: 16,
+            retention: 16,
+            max_subscribers: 4,
+        };
+        let (pipeline, jobs) = Pipeline::new(
+            Arc::new(Gated(Arc::clone(&gate))),
+            Arc::new(Policy::new(true, vec![], vec![])),
+            ConnectionIds::default(),
+            Arc::new(TraceStore::open(dir.path(), "t").expect("store")),
+            Arc::new(Hub::new(1, hub, metrics.hub.clone())),
+            metrics,
+            PipelineConfig {
+                method: Method::Paris(Probe::Udp),
+                limits: Limits::default(),
+                source_port: None,
+                cache: CacheConfig {
+                    ttl: Duration::from_secs(600),
+                    failure_ttl: Duration::from_secs(60),
+                    capacity: NonZeroUsize::new(16).expect("non-zero"),
+                    max_waiters: 16,
+                    max_waiters_total: 64,
+                },
+                queue_capacity: 4,
+                concurrency: 2,
+                cached_writes: 2,
+                on_demand_prefix: "t".into(),
+                lookup_days: 31,
+            },
+        );
+        let (stop, stopped) = watch::channel(false);
+        let workers =
+            tokio::spawn(Arc::clone(&pipeline).run_workers(jobs, stopped, Duration::from_secs(1)));
+        Setup {
+            pipeline,
+            gate,
+            stop,
+            workers,
+            _dir: dir,
+        }
+    }
+
+    fn event(id: &str) -> RawEvent {
+        RawEvent {
+            connection_id: id.into(),
+            local_addr: "10.77.1.1".into(),
+            local_port: 443,
+            remote_addr: DST.into(),
+            remote_port: 5000,
+            close_time: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn id(s: &str) -> ConnectionId {
+        ConnectionIds::default().validate(s).expect("id")
+    }
+
+    /// Waits (up to 5 s, in 10 ms steps: the store writes on blocking threads) until `outcome`
+    /// was counted `n` times.
+    async fn counted(p: &Pipeline, outcome: &'static str, n: u64) {
+        for _ in 0..500 {
+            if p.metrics().outcome(outcome) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(p.metrics().outcome(outcome), n, "{outcome}");
+    }
+
+    /// The owner's id already has its file (a duplicate event): the owner alone fails, and the
+    /// trace is written for the event that waited for it, under that event's own id.
+    #[tokio::test]
+    async fn a_duplicate_owner_hands_its_trace_to_a_waiter() {
+        let s = setup();
+        let p = &s.pipeline;
+        p.store()
+            .write(&id("host_1_A"), LINES, START, None)
+            .expect("the earlier file");
+        let report = |e| p.report(e, Source::Grpc);
+        assert_eq!(
+            report(event("host_1_A")).await.expect("host_1_A"),
+            Disposition::Scheduled
+        );
+        assert_eq!(
+            report(event("host_1_B")).await.expect("host_1_B"),
+            Disposition::Joined
+        );
+        assert_eq!(
+            report(event("host_1_C")).await.expect("host_1_C"),
+            Disposition::Joined
+        );
+        s.gate.notify_one();
+        counted(p, "traced", 1).await;
+        counted(p, "cached", 1).await;
+        assert_eq!(p.metrics().outcome("failed"), 1, "the owner only");
+        let b = p.store().find(&id("host_1_B"), 31).expect("find");
+        assert!(b.is_some(), "the waiter's file");
+        assert!(p.get("host_1_C").await.is_ok(), "the other waiter's copy");
+    }
+
+    /// After the drain at shutdown no cached copy is written: a hit then is aborted, and its
+    /// reporter is told so rather than that a copy is coming.
+    #[tokio::test]
+    async fn a_cache_hit_after_the_drain_is_aborted() {
+        let s = setup();
+        let p = &s.pipeline;
+        let report = |e| p.report(e, Source::Grpc);
+        assert_eq!(
+            report(event("host_1_A")).await.expect("host_1_A"),
+            Disposition::Scheduled
+        );
+        s.gate.notify_one();
+        counted(p, "traced", 1).await;
+        s.stop.send(true).expect("workers listen");
+        s.workers.await.expect("workers end");
+        p.drain().await;
+        let late = report(event("host_1_B")).await;
+        assert!(matches!(late, Err(PipelineError::Aborted)), "{late:?}");
+        assert_eq!(p.metrics().outcome("aborted"), 1);
+        assert_eq!(p.metrics().outcome("cached"), 0);
     }
 }

@@ -546,6 +546,38 @@ fn walkdir_count(dir: &std::path::Path) -> usize {
         .sum()
 }
 
+/// A message the server cannot read (here one over `--max-request-bytes`) ends an event
+/// stream, but the events before it were accepted: the answer is still their summary, with the
+/// break listed at its position.
+#[tokio::test]
+async fn an_unreadable_message_ends_the_stream_with_the_summary_so_far() {
+    let s = server::start(&["--scamper-bin", "/nonexistent/scamper"]).await;
+    let oversized = proto::CloseEvent {
+        connection_id: "x".repeat(70_000),
+        ..event("c_1_3", "127.0.0.2")
+    };
+    let events = vec![
+        event("c_1_1", "127.0.0.2"),
+        event("c_1_2", "127.0.0.3"),
+        oversized,
+        event("c_1_4", "127.0.0.4"),
+    ];
+    let summary = s
+        .client
+        .clone()
+        .report_closes(futures::stream::iter(events))
+        .await
+        .expect("the summary of what was read")
+        .into_inner();
+    assert_eq!(summary.received, 2);
+    assert_eq!(summary.dispositions.get("REFUSED"), Some(&2));
+    let broke = summary.rejections.last().expect("the break is listed");
+    assert_eq!(broke.index, 2);
+    assert_eq!(broke.disposition, Disposition::Invalid as i32);
+    assert!(broke.reason.contains("stream broke"), "{}", broke.reason);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn subscriptions_beyond_max_subscribers_are_refused() {
     let mut s = server::start(&[
