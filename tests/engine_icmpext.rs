@@ -85,18 +85,7 @@ fn silence_r2(lab: &Lab, family: Family) {
          }}\n",
         family.rule()
     );
-    let r2 = lab.ns("r2");
-    let mut nft = std::process::Command::new("ip")
-        .args(["netns", "exec", &r2, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nft in r2");
-    {
-        use std::io::Write;
-        let mut stdin = nft.stdin.take().expect("nft stdin");
-        stdin.write_all(rules.as_bytes()).expect("write the rules");
-    }
-    assert!(nft.wait().expect("nft").success(), "nft rules in r2");
+    lab.nft("r2", &rules);
 }
 
 /// An extension structure (RFC 4884) holding `objects` (class, type, data), with its checksum.

@@ -232,6 +232,23 @@ impl Lab {
         format!("{}-{node}", self.prefix)
     }
 
+    /// Loads nftables `rules` (an `nft -f` script) in lab node `node`'s namespace; they go
+    /// with the namespace.
+    pub fn nft(&self, node: &str, rules: &str) {
+        let ns = self.ns(node);
+        let mut nft = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft in the lab");
+        {
+            use std::io::Write;
+            let mut stdin = nft.stdin.take().expect("nft stdin");
+            stdin.write_all(rules.as_bytes()).expect("write the rules");
+        }
+        assert!(nft.wait().expect("nft").success(), "nft rules in {ns}");
+    }
+
     /// Destination `n` (1..=254) inside the lab: 10.77.100.n.
     pub fn dst_v4(&self, n: u8) -> IpAddr {
         assert!((1..=254).contains(&n), "lab destination {n} not in 1..=254");

@@ -109,6 +109,19 @@ impl Machine {
         }
     }
 
+    /// The latest a probe asked for at `now` may be held for its router's pacing, in a trace
+    /// that must end by `deadline`. A Paris trace needs one wait after its last probe, so up to
+    /// the deadline less a wait; a multipath trace goes in rounds, each decided once the one
+    /// before is settled, so a round is held back by at most one wait, leaving the deadline to
+    /// the rounds still to come.
+    fn hold_until(&self, now: Instant, deadline: Instant) -> Instant {
+        let last = deadline.checked_sub(self.wait()).unwrap_or(now);
+        match self {
+            Machine::Paris(_) => last,
+            Machine::Mda(_) => last.min(now + self.wait()),
+        }
+    }
+
     fn sent(&mut self, probe: MdaProbe, at: Instant) {
         match self {
             Machine::Paris(trace) => trace.sent(probe.id, at),
@@ -472,7 +485,7 @@ impl Sender {
         let n = u32::try_from(r.unsent.len()).unwrap_or(u32::MAX);
         let base = self.pacer.reserve(n, now);
         let dst = r.template.dst;
-        let latest = r.deadline.checked_sub(r.machine.wait()).unwrap_or(now);
+        let latest = r.machine.hold_until(now, r.deadline);
         // Reversed, so that after the stable sort (latest first) equal times pop in order.
         for probe in r.unsent.drain(..).rev() {
             let at = self.routers.as_mut().map_or(base, |routers| {

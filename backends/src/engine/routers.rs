@@ -23,6 +23,10 @@
 //!   passes without a silence. Silence cannot be told from loss: a lossy link (or one branch
 //!   of a load balancer, whose silences count for its siblings too) slows its routers' first
 //!   probes to one per interval as well — still answered, only later;
+//! - a router that answers faster than a limited one can (more than [`FREE_ANSWERS`] plus two
+//!   per interval since its first silence) is not limited, whatever its silences say: they are
+//!   the silences of an anonymous router beside it behind a load balancer, or of a filter, and
+//!   pacing it would only hold every probe at that TTL back;
 //! - a probe is held back only while its trace can still use the answer: one whose turn would
 //!   come later than the trace allows (its deadline less one wait) goes out at once and books
 //!   no turn, as without pacing (the router will likely not answer it). Otherwise a router
@@ -54,6 +58,16 @@ pub struct RouterLimits {
     pub hold: Duration,
 }
 
+impl RouterLimits {
+    /// The interval for routers of `addr`'s family.
+    fn interval_for(&self, addr: IpAddr) -> Duration {
+        match addr {
+            IpAddr::V4(_) => self.interval_v4,
+            IpAddr::V6(_) => self.interval_v6,
+        }
+    }
+}
+
 impl Default for RouterLimits {
     fn default() -> Self {
         Self {
@@ -71,6 +85,8 @@ const MAX_HINTS: usize = 65_536;
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Silences within `hold` that show a router's limit.
 const SILENCES: u32 = 3;
+/// Answers a rate-limited Linux router can give at once (its bucket holds 6), plus one.
+pub const FREE_ANSWERS: u32 = 7;
 /// Routers kept per (prefix, TTL): the branches of a load balancer the engine tells apart.
 pub const WIDTH: usize = 4;
 
@@ -103,11 +119,21 @@ struct Silent {
     next: Instant,
     /// When it is forgotten, unless it goes silent again.
     until: Instant,
+    /// Answers it gave since `since`.
+    answers: u32,
 }
 
 impl Silent {
     fn limited(&self) -> bool {
         self.count >= SILENCES
+    }
+
+    /// It answered faster since its first silence than a limited router could (a full bucket,
+    /// then one per `interval`, given twice that).
+    fn answers_freely(&self, now: Instant, interval: Duration) -> bool {
+        let elapsed = now.saturating_duration_since(self.since).as_nanos();
+        let intervals = elapsed / interval.as_nanos().max(1);
+        u128::from(self.answers) > u128::from(FREE_ANSWERS) + 2 * intervals
     }
 }
 
@@ -147,6 +173,11 @@ impl RouterPacing {
             .entry((prefix(dst), ttl))
             .or_default()
             .learn(router);
+        if !self.silent.is_empty()
+            && let Some(s) = self.silent.get_mut(&router)
+        {
+            s.answers = s.answers.saturating_add(1);
+        }
     }
 
     /// A probe to `dst` at `ttl` went unanswered: a silence of each router known there.
@@ -163,6 +194,7 @@ impl RouterPacing {
             since: now,
             next: now,
             until: now,
+            answers: 0,
         };
         for router in seen.routers() {
             let entry = self.silent.entry(router).or_insert(fresh);
@@ -171,7 +203,7 @@ impl RouterPacing {
                 *entry = fresh;
             }
             if now.saturating_duration_since(entry.since) > hold {
-                (entry.count, entry.since) = (0, now);
+                (entry.count, entry.since, entry.answers) = (0, now, 0);
             }
             entry.count += 1;
             entry.until = now + hold;
@@ -205,8 +237,11 @@ impl RouterPacing {
             return now;
         };
         // A router forgotten already (though not yet pruned) is not paced, nor one that is
-        // only silent for a first probe.
-        let paced = |s: &Silent| s.until > now && (retry || s.limited());
+        // only silent for a first probe, nor one that answers freely.
+        let interval = self.interval(dst);
+        let paced = |s: &Silent| {
+            s.until > now && (retry || s.limited()) && !s.answers_freely(now, interval)
+        };
         let turn = (seen.routers())
             .filter_map(|r| self.silent.get(&r).filter(|s| paced(s)))
             .map(|s| s.next.max(now))
@@ -214,7 +249,7 @@ impl RouterPacing {
         let Some(at) = turn.filter(|at| *at <= latest) else {
             return now;
         };
-        let next = at + self.interval(dst);
+        let next = at + interval;
         for router in seen.routers() {
             if let Some(s) = self.silent.get_mut(&router).filter(|s| paced(s)) {
                 s.next = next;
@@ -225,17 +260,19 @@ impl RouterPacing {
 
     /// Counts the routers limited at `now` (those past their hold may still wait to be pruned).
     fn count(&mut self, now: Instant) {
-        self.limited = (self.silent.values())
-            .filter(|s| s.limited() && s.until > now)
+        let limits = self.limits;
+        self.limited = (self.silent.iter())
+            .filter(|(router, s)| {
+                s.limited()
+                    && s.until > now
+                    && !s.answers_freely(now, limits.interval_for(**router))
+            })
             .count();
     }
 
     /// The interval of the routers on the way to `dst` (of its family).
     fn interval(&self, dst: IpAddr) -> Duration {
-        match dst {
-            IpAddr::V4(_) => self.limits.interval_v4,
-            IpAddr::V6(_) => self.limits.interval_v6,
-        }
+        self.limits.interval_for(dst)
     }
 
     /// Routers limited now (as of the last silence or pruning).
@@ -384,6 +421,41 @@ mod tests {
         // First probes are not paced: neither branch is limited.
         assert_eq!(pacing.reserve(ip("10.77.100.8"), 3, now, false, far), now);
         assert_eq!(pacing.limited_routers(), 0);
+    }
+
+    /// Behind a load balancer with an anonymous branch, every retry at that TTL counts as a
+    /// silence of the branch that answers; it answers far faster than a limited router could,
+    /// so it is not paced (holding every probe at that TTL back for nothing). One answering at
+    /// a limited router's pace stays paced.
+    #[test]
+    fn a_router_answering_faster_than_a_limit_allows_is_not_paced() {
+        let limits = RouterLimits::default();
+        let step = limits.interval_v4;
+        let now = Instant::now();
+        let far = now + DAY;
+        let (dst, router) = (ip("10.77.100.5"), ip("10.77.3.2"));
+        let limited = |answers: u32| {
+            let mut pacing = RouterPacing::new(limits);
+            pacing.learn(dst, 3, router);
+            for _ in 0..3 {
+                pacing.silent(dst, 3, now);
+            }
+            for _ in 0..answers {
+                pacing.learn(dst, 3, router);
+            }
+            pacing
+        };
+        // Two intervals on: more than 7 + 2 · 2 answers is more than a limit allows.
+        let later = now + step * 2;
+        let mut free = limited(FREE_ANSWERS + 5);
+        assert_eq!(free.reserve(dst, 3, later, true, far), later);
+        assert_eq!(free.reserve(dst, 3, later, false, far), later);
+        free.silent(dst, 3, later);
+        assert_eq!(free.limited_routers(), 0);
+        let mut paced = limited(FREE_ANSWERS + 4);
+        assert_eq!(paced.reserve(dst, 3, later, true, far), later);
+        assert_eq!(paced.reserve(dst, 3, later, true, far), later + step);
+        assert_eq!(paced.limited_routers(), 1);
     }
 
     #[test]
