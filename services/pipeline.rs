@@ -558,12 +558,14 @@ impl Pipeline {
                 outcome: if result.is_ok() { "success" } else { "error" },
             })
             .observe(started.elapsed().as_secs_f64());
-        let Some(owner) = job.flight.take_owner() else {
-            return;
-        };
         let output = match result {
             Ok(output) => output,
-            Err(e) => return self.trace_failed(dst, owner, e),
+            Err(e) => {
+                if let Some(owner) = job.flight.take_owner() {
+                    self.trace_failed(dst, owner, e);
+                }
+                return;
+            }
         };
         // The trace is done: its file, record and answers must not be lost to the shutdown
         // grace cancelling this task (the file would be written and nobody told), so they
@@ -572,24 +574,31 @@ impl Pipeline {
         // shutdown takes the lock exclusively, after every worker has ended.)
         let gate = Arc::clone(&self.finishing).try_read_owned().ok();
         let pipeline = Arc::clone(&self);
+        let flight = job.flight;
         let finish = tokio::spawn(async move {
-            pipeline.finish(dst, owner, output).await;
+            pipeline.finish(flight, output).await;
             drop(gate);
         });
         let _ = finish.await;
     }
 
     /// Writes the file of a finished trace, publishes and caches its record, answers its
-    /// owner and writes the waiters' cached copies.
-    async fn finish(self: Arc<Self>, dst: IpAddr, mut owner: Requester, output: TraceOutput) {
+    /// owner and writes the waiters' cached copies. The owner stays in `flight` until the
+    /// record is cached: should anything here panic, the flight's drop still settles the
+    /// owner and the waiters (aborted) and frees the destination.
+    async fn finish(self: Arc<Self>, mut flight: Flight, output: TraceOutput) {
+        let dst = flight.dst;
         let start = output.summary.start_time;
         let mut lines = output.lines;
         let file = loop {
             let store = Arc::clone(&self.store);
-            let id = owner.id.clone();
+            let Some(id) = flight.owner.as_ref().map(|o| o.id.clone()) else {
+                return;
+            };
             let text = std::mem::take(&mut lines);
+            let for_store = id.clone();
             let written = tokio::task::spawn_blocking(move || {
-                let written = store.write(&id, &text, start, None);
+                let written = store.write(&for_store, &text, start, None);
                 (written, text)
             })
             .await;
@@ -601,30 +610,37 @@ impl Pipeline {
                 }
                 Err(e) => join_error(e),
             };
-            let reason = self.store_failure(&e, &owner.id);
+            let reason = self.store_failure(&e, &id);
             let error = PipelineError::Store(e.to_string());
             // The owner's id has its file already (a duplicate event): that is the owner's
             // fault alone, and the trace is good: a waiter takes it over under its own id.
             if let StoreError::Exists(_) = e
                 && let Some(next) = self.cache.promote(dst)
+                && let Some(owner) = flight.owner.replace(next)
             {
                 self.metrics.terminal("failed", Some(reason), 1);
                 owner.answer(Err(error));
-                owner = next;
                 continue;
             }
+            let Some(owner) = flight.take_owner() else {
+                return;
+            };
             let waiters = self.cache.abandon(dst);
             return self.settle_all(owner, waiters, "failed", Some(reason), error);
         };
         // Durable now: only from here on is the record cached and published.
+        let labels = flight.owner.as_ref().map(|o| o.labels.clone());
         let record = self.hub.publish(TraceRecord {
             cursor: None,
             file,
             backend: self.tracer.name().to_owned(),
             summary: output.summary,
-            labels: owner.labels.clone(),
+            labels: labels.unwrap_or_default(),
         });
         let waiters = self.cache.complete(dst, Ok(Arc::clone(&record)), true);
+        let Some(owner) = flight.take_owner() else {
+            return;
+        };
         self.metrics.terminal("traced", None, 1);
         owner.answer(Ok(Arc::clone(&record)));
         for waiter in waiters {
