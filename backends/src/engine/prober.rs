@@ -504,13 +504,30 @@ impl Sender {
             r.pending.push((at, probe));
         }
         r.pending.sort_by_key(|&(at, _)| Reverse(at));
-        if let Some(routers) = &self.routers {
-            let limited = routers.limited_routers() as u64;
+        self.publish_limited(None);
+    }
+
+    /// Publishes how many routers the pacing holds limited, pruning those forgotten by `now`
+    /// first when given (the idle prober's once-a-second look).
+    fn publish_limited(&mut self, now: Option<Instant>) {
+        if let Some(routers) = &mut self.routers {
+            let limited = match now {
+                Some(now) => routers.prune(now),
+                None => routers.limited_routers(),
+            };
             self.shared
                 .counters
                 .limited_routers
-                .store(limited, Ordering::Relaxed);
+                .store(limited as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Whether some router is held limited (the prober then wakes once a second to let the
+    /// count fall when the holds pass).
+    fn limits_held(&self) -> bool {
+        self.routers
+            .as_ref()
+            .is_some_and(|r| r.limited_routers() > 0)
     }
 }
 
@@ -616,6 +633,9 @@ impl Prober {
             self.take_jobs();
             self.run_ready();
             self.run_timers();
+            if self.sender.limits_held() {
+                self.sender.publish_limited(Some(Instant::now()));
+            }
             let timeout = self.sleep_for();
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -653,7 +673,12 @@ impl Prober {
             return EpollTimeout::ZERO;
         }
         let Some(&Reverse((at, _))) = self.timers.peek() else {
-            return EpollTimeout::NONE;
+            // Idle; with routers held limited, a look once a second lets their count fall.
+            return if self.sender.limits_held() {
+                EpollTimeout::from(MAX_SLEEP_MS)
+            } else {
+                EpollTimeout::NONE
+            };
         };
         let wait = at.saturating_duration_since(Instant::now());
         // Rounded up: waking early would only spin.

@@ -225,14 +225,7 @@ impl RouterPacing {
         if self.silent.is_empty() {
             return now;
         }
-        if now >= self.prune_at {
-            self.prune_at = now + PRUNE_EVERY;
-            let before = self.silent.len();
-            self.silent.retain(|_, s| s.until > now);
-            if self.silent.len() != before {
-                self.count(now);
-            }
-        }
+        self.prune(now);
         let Some(seen) = self.hints.get(&(prefix(dst), ttl)) else {
             return now;
         };
@@ -256,6 +249,18 @@ impl RouterPacing {
             }
         }
         at
+    }
+
+    /// Drops the routers forgotten by `now` and recounts, at most once per [`PRUNE_EVERY`];
+    /// returns the routers limited. Called on every paced lookup, and by the prober while idle
+    /// so that the count falls to zero when the holds pass without traffic.
+    pub fn prune(&mut self, now: Instant) -> usize {
+        if !self.silent.is_empty() && now >= self.prune_at {
+            self.prune_at = now + PRUNE_EVERY;
+            self.silent.retain(|_, s| s.until > now);
+            self.count(now);
+        }
+        self.limited
     }
 
     /// Counts the routers limited at `now` (those past their hold may still wait to be pruned).
@@ -511,6 +516,17 @@ mod tests {
         pacing.silent(dst, 1, pruned);
         assert_eq!(pacing.limited_routers(), 0);
         assert_eq!(pacing.reserve(dst, 1, pruned, true, far), pruned);
+    }
+
+    /// With no probe at all (the engine idle), pruning alone lets the count fall when the
+    /// hold passes: the prober calls it once a second while routers are held limited.
+    #[test]
+    fn an_idle_prune_forgets_a_limited_router_after_its_hold() {
+        let (dst, now) = (ip("10.77.100.5"), Instant::now());
+        let (mut pacing, later) = limited_to_the_end_of_its_hold(dst, now);
+        assert_eq!(pacing.prune(later - Duration::from_millis(1)), 1);
+        assert_eq!(pacing.prune(later + PRUNE_EVERY), 0);
+        assert_eq!(pacing.limited_routers(), 0);
     }
 
     #[test]
