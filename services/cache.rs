@@ -109,7 +109,9 @@ impl<V: Clone, W> IpCache<V, W> {
     }
 
     /// Looks `ip` up for `waiter`. With `fresh`, done entries are ignored (a new trace is
-    /// wanted) but a running trace is still joined: its result is fresh too.
+    /// wanted) but a running trace is still joined: its result is fresh too. An entry ignored
+    /// so stays until the new trace's result replaces it: should that trace be shed or
+    /// aborted, the earlier result still serves others.
     pub fn lookup(&self, ip: IpAddr, waiter: W, fresh: bool) -> Lookup<V, W> {
         let ip = canonical(ip);
         let now = Instant::now();
@@ -134,10 +136,10 @@ impl<V: Clone, W> IpCache<V, W> {
                     Done::Failed(reason) => Lookup::RecentlyFailed(reason.clone(), waiter),
                 };
             }
-            Some(_) => {
+            Some(entry) if entry.expires <= now => {
                 inner.done.pop(&ip);
             }
-            None => {}
+            Some(_) | None => {}
         }
         inner.in_flight.insert(ip, Vec::new());
         self.counters.misses.inc();
@@ -302,6 +304,13 @@ mod tests {
         assert_eq!(c.lookup(ip("1.0.0.1"), 2, true), Lookup::Joined);
         c.complete(ip("1.0.0.1"), Ok("old"), true);
         assert_eq!(c.lookup(ip("1.0.0.1"), 3, true), Lookup::Miss(3));
+        // The fresh trace is shed: the earlier result still serves.
+        assert_eq!(c.abandon(ip("1.0.0.1")), Vec::<u32>::new());
+        assert_eq!(c.lookup(ip("1.0.0.1"), 4, false), Lookup::Hit("old", 4));
+        // Its own result, once there, replaces it.
+        assert_eq!(c.lookup(ip("1.0.0.1"), 5, true), Lookup::Miss(5));
+        c.complete(ip("1.0.0.1"), Ok("new"), true);
+        assert_eq!(c.lookup(ip("1.0.0.1"), 6, false), Lookup::Hit("new", 6));
     }
 
     #[tokio::test(start_paused = true)]
