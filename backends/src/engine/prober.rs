@@ -790,10 +790,17 @@ impl Prober {
         for flow in &r.flows {
             self.sender.flows.remove(&FlowKey::from(flow));
         }
-        // Probes it booked but never sent (it failed or its caller left) go back to the budget.
+        // Probes it booked but never sent (it failed or its caller left) go back to the budget,
+        // and their routers' turns to the traces queued behind them.
         if !r.pending.is_empty() {
             let unsent = u32::try_from(r.pending.len()).unwrap_or(u32::MAX);
             self.sender.pacer.refund(unsent, Instant::now());
+            if let Some(routers) = &mut self.sender.routers {
+                // Earliest last: the latest turns are given back first.
+                for &(at, probe) in &r.pending {
+                    routers.release(r.template.dst, probe.id.ttl, at);
+                }
+            }
         }
         if self.spare.len() < MAX_SPARE {
             let (mut unsent, mut pending) = (r.unsent, r.pending);

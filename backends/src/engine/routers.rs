@@ -251,6 +251,23 @@ impl RouterPacing {
         at
     }
 
+    /// Gives back the turn at `at` that [`reserve`](Self::reserve) booked for a probe to `dst`
+    /// at `ttl` that will not be sent, where it is still its routers' last: the next probe
+    /// booked there takes it. (A turn with others booked after it stays a gap.)
+    pub fn release(&mut self, dst: IpAddr, ttl: u8, at: Instant) {
+        let Some(seen) = self.hints.get(&(prefix(dst), ttl)) else {
+            return;
+        };
+        let next = at + self.limits.interval_for(dst);
+        for router in seen.routers() {
+            if let Some(s) = self.silent.get_mut(&router)
+                && s.next == next
+            {
+                s.next = at;
+            }
+        }
+    }
+
     /// Drops the routers forgotten by `now` and recounts, at most once per [`PRUNE_EVERY`];
     /// returns the routers limited. Called on every paced lookup, and by the prober while idle
     /// so that the count falls to zero when the holds pass without traffic.
@@ -553,6 +570,30 @@ mod tests {
         let first = pacing.reserve(ip("fd77:100::1"), 3, now, false, far);
         let second = pacing.reserve(ip("fd77:100::2"), 3, now, false, far);
         assert_eq!((first, second), (now, now + limits.interval_v6));
+    }
+
+    /// A trace that ends with probes still booked gives their turns back, latest first, so the
+    /// traces booking after it are not held behind turns nobody uses.
+    #[test]
+    fn turns_of_probes_never_sent_are_given_back() {
+        let limits = RouterLimits::default();
+        let mut pacing = RouterPacing::new(limits);
+        let now = Instant::now();
+        let far = now + DAY;
+        let dst = ip("10.77.100.1");
+        pacing.learn(dst, 1, ip("10.77.1.2"));
+        pacing.silent(dst, 1, now);
+        let step = limits.interval_v4;
+        let booked: Vec<Instant> = (0..3)
+            .map(|_| pacing.reserve(dst, 1, now, true, far))
+            .collect();
+        assert_eq!(booked, [now, now + step, now + step * 2]);
+        // The middle one is not the last: it stays a gap; the last two go back.
+        pacing.release(dst, 1, booked[1]);
+        assert_eq!(pacing.reserve(dst, 1, now, true, far), now + step * 3);
+        pacing.release(dst, 1, now + step * 3);
+        pacing.release(dst, 1, booked[2]);
+        assert_eq!(pacing.reserve(dst, 1, now, true, far), now + step * 2);
     }
 
     #[test]
