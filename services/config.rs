@@ -156,8 +156,10 @@ pub struct ServeArgs {
 
     /// Watch this host's TCP sockets (through netlink) and trace the far end of each closed
     /// connection. Watches the namespace probes leave from (`--netns`, else the server's).
-    #[arg(long, env = "HOPTRACE_WATCH_HOST_SOCKETS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub watch_host_sockets: bool,
+    /// Default: true, but false with --tcpinfo-eventsocket (both report the same connections,
+    /// under the same ids).
+    #[arg(long, env = "HOPTRACE_WATCH_HOST_SOCKETS", action = clap::ArgAction::Set)]
+    pub watch_host_sockets: Option<bool>,
 
     /// How often the host watcher dumps the sockets when the kernel offers no TCP-destroy
     /// groups (or with --watch-poll-only).
@@ -262,6 +264,13 @@ pub struct ServeArgs {
 pub struct ConfigError(pub String);
 
 impl ServeArgs {
+    /// Whether this host's sockets are watched: as asked, else unless tcp-info reports the
+    /// same connections.
+    pub fn watches_host_sockets(&self) -> bool {
+        self.watch_host_sockets
+            .unwrap_or(self.tcpinfo_eventsocket.is_none())
+    }
+
     /// Checks what clap's types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
@@ -354,6 +363,29 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `hoptrace serve` with `args`, parsed as the CLI does.
+    fn serve(args: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let argv = std::iter::once("serve").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv)
+            .expect("parses")
+            .serve
+    }
+
+    #[test]
+    fn the_host_watcher_is_off_by_default_beside_tcpinfo() {
+        assert!(serve(&[]).watches_host_sockets());
+        let tcpinfo = ["--tcpinfo-eventsocket", "/run/tcpevents.sock"];
+        assert!(!serve(&tcpinfo).watches_host_sockets());
+        let both = [&tcpinfo[..], &["--watch-host-sockets", "true"]].concat();
+        assert!(serve(&both).watches_host_sockets());
+        assert!(!serve(&["--watch-host-sockets", "false"]).watches_host_sockets());
+    }
 
     #[test]
     fn confidence_is_95_or_99_percent() {

@@ -388,7 +388,13 @@ impl Opened {
         if let (BackendKind::Engine, Some(Err(e))) = (args.backend, &sockets) {
             return Err(backend::engine_refused(e));
         }
-        let host_socket = args.watch_host_sockets.then(|| {
+        if args.watch_host_sockets == Some(true) && args.tcpinfo_eventsocket.is_some() {
+            tracing::warn!(
+                "--watch-host-sockets with --tcpinfo-eventsocket: both report every connection \
+                 under the same id, so each second report ends as duplicate_id"
+            );
+        }
+        let host_socket = args.watches_host_sockets().then(|| {
             // Opened in the namespace probes leave from: the connections of interest live there.
             let open = || DiagSocket::open(args.watch_poll, args.watch_poll_only);
             match netns.as_deref() {

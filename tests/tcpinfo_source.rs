@@ -73,6 +73,8 @@ async fn tcpinfo_closes_become_traces_through_malformed_lines_and_a_restart() {
             50001,
         ),
         "this is not json\n".to_owned(),
+        // Over-long (several read buffers' worth): skipped whole, counted once.
+        "x".repeat(240 * 1024) + "\n",
         r#"{"Event":5,"UUID":"ti_1_X","ID":null}"#.to_owned() + "\n",
         close("ti_1_A"),
         // Opened before hoptrace connected: a close with no open.
@@ -146,6 +148,7 @@ async fn tcpinfo_closes_become_traces_through_malformed_lines_and_a_restart() {
     let admin = s.running.admin_addr;
     for (kind, n) in [
         ("not_json", 1),
+        ("too_long", 1),
         ("unknown_event", 1),
         ("close_without_open", 1),
         ("open", 4),

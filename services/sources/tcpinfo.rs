@@ -319,10 +319,11 @@ impl TcpInfoSource {
             }
             buf.drain(..start);
             if buf.len() > MAX_LINE {
-                // Skip the rest of an over-long line, whatever it holds.
-                self.count("too_long");
+                // Skip the rest of an over-long line, whatever it holds (counted once).
+                if !std::mem::replace(&mut skipping, true) {
+                    self.count("too_long");
+                }
                 buf.clear();
-                skipping = true;
             }
             self.counters.opens.set(opens.len() as i64);
         }
