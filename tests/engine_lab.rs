@@ -111,6 +111,37 @@ async fn scamper_trace(scamper: &ScamperProcess, request: &TraceRequest) -> Trac
     panic!("scamper sent no probe in 8 tries");
 }
 
+/// The widest limits the service accepts (`--probe-wait 20s`, `--attempts 10`,
+/// `--probe-budget 1`) reach real scamper clamped into what it accepts: both `trace` and
+/// `tracelb` run and reach the destination instead of scamper refusing the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scamper_runs_with_the_widest_limits_the_service_allows() {
+    if !require_root("scamper_runs_with_the_widest_limits_the_service_allows") {
+        return;
+    }
+    let lab = Lab::up();
+    let tools = tempfile::tempdir().expect("tempdir");
+    let scamper = lab_scamper(&lab, tools.path());
+    let dst = lab.dst_v4(9);
+    for method in [Method::Paris(Probe::Udp), Method::Mda(Probe::Udp)] {
+        let mut wide = TraceRequest {
+            method,
+            ..request(dst, Probe::Udp)
+        };
+        wide.limits.wait = Duration::from_secs(20);
+        wide.limits.attempts = 10;
+        wide.limits.probe_budget = 1;
+        wide.limits.deadline = Duration::from_secs(60);
+        let out = scamper_trace(&scamper, &wide).await;
+        assert_eq!(out.summary.dst, dst, "{}", out.lines);
+        let reached = match method {
+            Method::Paris(_) => out.summary.hops.iter().any(|h| h.addr == dst),
+            Method::Mda(_) => out.summary.links.iter().any(|l| l.to == Some(dst)),
+        };
+        assert!(reached, "{method:?}: {}", out.lines);
+    }
+}
+
 /// same flow (same destination, same ports).
 async fn engine_matches_lab_and_scamper(lab: &Lab, dst: IpAddr, alternatives: Vec<Vec<IpAddr>>) {
     let engine = lab_engine(lab);

@@ -39,10 +39,15 @@ impl Default for ScamperOptions {
 /// Paris single path is `trace -P udp-paris|icmp-paris|tcp` (scamper's `tcp` keeps both ports
 /// fixed, so it is Paris too); multipath is `tracelb -P udp-sport|icmp-echo|tcp-sport`, which
 /// vary only the source port and keep the destination port a firewall expects.
+///
+/// Values are clamped into what scamper 20211212 accepts (it refuses the whole command
+/// otherwise, exit 255 with nothing said): `-w` 1–10 s, `-q` 1–10 for `trace` and 1–5 for
+/// `tracelb`, `-Q` 50–65535. The service allows more (`--probe-wait` up to 20 s, `--attempts`
+/// up to 10, `--probe-budget` from 1) for the in-process engine.
 pub fn command(request: &TraceRequest) -> String {
     let limits = &request.limits;
-    let wait = limits.wait.as_secs().clamp(1, 20);
-    let attempts = limits.attempts.max(1);
+    let wait = limits.wait.as_secs().clamp(1, 10);
+    let attempts = limits.attempts.clamp(1, 10);
     let sport = request
         .source_port
         .map_or_else(String::new, |port| format!("-s {port} "));
@@ -71,8 +76,9 @@ pub fn command(request: &TraceRequest) -> String {
                 Probe::Tcp => "tcp-sport",
             };
             format!(
-                "tracelb -P {method} -q {attempts} -w {wait} -Q {} {confidence}{sport}{}",
-                limits.probe_budget.max(1),
+                "tracelb -P {method} -q {} -w {wait} -Q {} {confidence}{sport}{}",
+                attempts.min(5),
+                limits.probe_budget.clamp(50, 65_535),
                 request.dst
             )
         }
@@ -183,6 +189,24 @@ mod tests {
         assert_eq!(
             command(&fixed),
             "tracelb -P tcp-sport -q 3 -w 1 -Q 500 -c 99 -s 40000 192.0.2.7"
+        );
+    }
+
+    /// Limits the service allows for the engine but scamper refuses are brought into its range.
+    #[test]
+    fn limits_are_clamped_to_what_scamper_accepts() {
+        let mut wide = request(Method::Mda(Probe::Udp));
+        wide.limits.wait = Duration::from_secs(20);
+        wide.limits.attempts = 10;
+        wide.limits.probe_budget = 1;
+        assert_eq!(
+            command(&wide),
+            "tracelb -P udp-sport -q 5 -w 10 -Q 50 192.0.2.7"
+        );
+        wide.method = Method::Paris(Probe::Udp);
+        assert_eq!(
+            command(&wide),
+            "trace -P udp-paris -q 10 -w 10 -m 16 192.0.2.7"
         );
     }
 
