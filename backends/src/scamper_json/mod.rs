@@ -449,7 +449,8 @@ fn multipath(trace: &Obj, v6: bool) -> Result<(Vec<Hop>, Vec<Link>)> {
                 if elems.is_empty() {
                     return Err(shape(&ppath, "is an empty hop".to_owned()));
                 }
-                let mut cur = Vec::with_capacity(elems.len());
+                let mut cur = Vec::with_capacity(elems.len().min(MAX_AT_POSITION));
+                let mut distinct = std::collections::HashSet::new();
                 for (j, elem) in elems.iter().enumerate() {
                     let el = read_element(
                         elem,
@@ -463,7 +464,20 @@ fn multipath(trace: &Obj, v6: bool) -> Result<(Vec<Hop>, Vec<Link>)> {
                     if let Some(a) = el.addr {
                         targets.insert(a);
                     }
-                    cur.push(el.addr);
+                    // Each address once (stars are one): the pairings below stay linear in
+                    // the output for any number of replies from the same routers.
+                    if distinct.insert(el.addr) {
+                        cur.push(el.addr);
+                    }
+                }
+                if cur.len() > MAX_AT_POSITION {
+                    return Err(shape(
+                        &ppath,
+                        format!(
+                            "has {} distinct addresses at one hop (at most {MAX_AT_POSITION})",
+                            cur.len()
+                        ),
+                    ));
                 }
                 // Normally one element per position; with several, every pairing is a link.
                 for from in &prev {
@@ -751,6 +765,10 @@ fn field_path(path: &str, key: &str) -> String {
 fn cut(text: &str) -> String {
     text.chars().take(64).collect()
 }
+
+/// Distinct addresses one position of a `tracelb` chain may hold (every pairing with the
+/// position before is a link, so this bounds the work per position).
+const MAX_AT_POSITION: usize = 256;
 
 fn shape(field: &str, problem: String) -> ScamperJsonError {
     ScamperJsonError::Shape {

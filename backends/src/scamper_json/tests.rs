@@ -917,3 +917,23 @@ fn a_long_hop_table_groups_replies_as_a_short_one() {
     sorted.sort_by_key(|&(ttl, a)| (ttl, a));
     assert_eq!(keys, sorted, "by TTL, then first appearance");
 }
+
+/// A chain position repeating one address (or "*") thousands of times is read in linear time,
+/// as one element; more distinct addresses at one position than any hop has is refused.
+#[test]
+fn tracelb_chain_positions_are_bounded_work() {
+    let stars = vec![r#"{"addr":"*"}"#; 8_000].join(",");
+    let s = ok(&lb(&format!(
+        r#"{{"addr":"192.0.2.10", "linkc":1, "links":[[{stars}],[{stars}]]}}"#
+    )));
+    expect_links(&s, &[("192.0.2.10", "*"), ("*", "*")]);
+    let many: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"addr":"10.0.{}.{}"}}"#, i / 256, i % 256))
+        .collect();
+    let err = summarize(&lb(&format!(
+        r#"{{"addr":"192.0.2.10", "linkc":1, "links":[[{}]]}}"#,
+        many.join(",")
+    )))
+    .expect_err("too many addresses at one hop");
+    assert!(err.to_string().contains("distinct addresses"), "{err}");
+}
