@@ -365,6 +365,36 @@ fn a_bad_configuration_exits_64_before_binding() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("HOPTRACE_NETNS"));
 }
 
+/// scamper with no route to a destination prints only the cycle lines and says why on
+/// stderr, exiting 0: the trace fails as `exited` with that reason, not as unreadable output.
+#[tokio::test]
+async fn a_destination_scamper_cannot_reach_fails_with_its_reason() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let unroutable = fake_scamper("unroutable", tools.path());
+    let mut s = server::start(&["--scamper-bin", &unroutable, "--allow-private"]).await;
+    let err = s
+        .client
+        .clone()
+        .trace(proto::TraceRequest {
+            address: "10.77.100.9".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no route");
+    assert!(
+        err.message().contains("Network is unreachable"),
+        "{}",
+        err.message()
+    );
+    let status = s.status().await;
+    assert_eq!(
+        status.failed_by_reason.get("exited"),
+        Some(&1),
+        "{status:?}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_aborts_queued_and_running_traces_and_counts_them() {
     let tools = tempfile::tempdir().expect("tempdir");

@@ -128,15 +128,22 @@ impl Tracer for ScamperProcess {
             MAX_OUTPUT,
         )
         .await?;
+        let exited = |stderr| TraceError::Exited {
+            program: self.options.binary.to_string_lossy().into_owned(),
+            status: done.status,
+            stderr,
+        };
         // An invalid command makes scamper exit 255 with no output: both are checked.
         if !done.status.success() || done.stdout.is_empty() {
-            return Err(TraceError::Exited {
-                program: self.options.binary.to_string_lossy().into_owned(),
-                status: done.status,
-                stderr: done.stderr,
-            });
+            return Err(exited(done.stderr));
         }
-        Ok(TraceOutput::from_lines(done.stdout)?)
+        match TraceOutput::from_lines(done.stdout) {
+            Ok(output) => Ok(output),
+            // A trace scamper could not start (no route to the destination, say) ends cleanly
+            // with only the cycle lines, the reason on stderr: that reason is the error.
+            Err(_) if !done.stderr.trim().is_empty() => Err(exited(done.stderr)),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
