@@ -281,6 +281,7 @@ impl Tracer for ScamperDaemon {
     }
 
     async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
+        super::supported(request)?;
         // At the deadline the caller gets its timeout; a session already sent goes on in the
         // background, holding its window slot, for at most as long again.
         let deadline = request.limits.deadline;

@@ -85,6 +85,20 @@ pub fn command(request: &TraceRequest) -> String {
     }
 }
 
+/// Refuses what scamper 20211212 accepts but cannot do: `tracelb -P tcp-sport` to an IPv6
+/// destination sends no probe at all (`probec` 0, checked in the lab), which would pass for an
+/// empty trace.
+pub fn supported(request: &TraceRequest) -> Result<(), TraceError> {
+    match (request.method, request.dst) {
+        (Method::Mda(Probe::Tcp), std::net::IpAddr::V6(_)) => Err(TraceError::Unsupported(
+            "scamper's tracelb sends no TCP probe over IPv6 (use mda-udp or mda-icmp, or the \
+             engine)"
+                .to_owned(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// One `scamper` process per trace: `scamper -o- -O json -I "<command>"`.
 ///
 /// The child runs in its own process group (scamper forks a privileged helper), inside the
@@ -120,6 +134,7 @@ impl Tracer for ScamperProcess {
     }
 
     async fn trace(&self, request: &TraceRequest) -> Result<TraceOutput, TraceError> {
+        supported(request)?;
         let done = process_group::run(
             &self.options.binary,
             &self.args(request),
@@ -215,6 +230,21 @@ mod tests {
             command(&wide),
             "trace -P udp-paris -q 10 -w 10 -m 16 192.0.2.7"
         );
+    }
+
+    #[test]
+    fn tracelb_tcp_to_ipv6_is_refused_before_scamper_runs() {
+        let mut tcp6 = request(Method::Mda(Probe::Tcp));
+        tcp6.dst = "2001:db8::7".parse().expect("v6");
+        let err = supported(&tcp6).expect_err("refused");
+        assert_eq!(err.kind(), "unsupported");
+        for ok in [Method::Mda(Probe::Udp), Method::Paris(Probe::Tcp)] {
+            assert!(
+                supported(&TraceRequest { method: ok, ..tcp6 }).is_ok(),
+                "{ok:?}"
+            );
+        }
+        assert!(supported(&request(Method::Mda(Probe::Tcp))).is_ok(), "IPv4");
     }
 
     #[test]
