@@ -129,8 +129,9 @@ pub enum BadLine {
     /// An event number other than 0 (open) and 1 (close).
     #[error("unknown event {0}")]
     UnknownEvent(i64),
-    /// An open without its addresses.
-    #[error("open without addresses")]
+    /// An open without its addresses, or with a UUID or address longer than any real one
+    /// (it would be remembered until its close: bounded in size as in number).
+    #[error("open without usable addresses or UUID")]
     BadOpen,
 }
 
@@ -149,12 +150,21 @@ fn unix_parts(t: SystemTime) -> Option<(i64, i32)> {
     Some((i64::try_from(d.as_secs()).ok()?, d.subsec_nanos() as i32))
 }
 
+/// Longest UUID an open is remembered with (connection ids are at most 200 bytes).
+const MAX_UUID: usize = 200;
+/// Longest address text (an IPv6 address with a zone fits).
+const MAX_ADDR: usize = 64;
+
 /// Parses one line of the event socket.
 pub fn parse_line(line: &str) -> Result<Line, BadLine> {
     let m: Message = serde_json::from_str(line).map_err(|e| BadLine::NotJson(e.to_string()))?;
     match (m.event, m.id) {
-        (0, Some(id)) => Ok(Line::Open { uuid: m.uuid, id }),
-        (0, None) => Err(BadLine::BadOpen),
+        (0, Some(id))
+            if m.uuid.len() <= MAX_UUID && id.src.len() <= MAX_ADDR && id.dst.len() <= MAX_ADDR =>
+        {
+            Ok(Line::Open { uuid: m.uuid, id })
+        }
+        (0, _) => Err(BadLine::BadOpen),
         (1, _) => Ok(Line::Close {
             uuid: m.uuid,
             // Informational: an unparseable time falls back to the receive time.
@@ -268,13 +278,18 @@ impl TcpInfoSource {
             match connected {
                 Ok(stream) => {
                     self.counters.connects.inc();
-                    backoff = first;
                     tracing::info!(path = %self.config.path.display(), "connected to tcp-info");
+                    let connected = Instant::now();
                     tokio::select! {
                         why = self.read(stream, &mut opens, &events) => {
-                            tracing::warn!(path = %self.config.path.display(), %why, "tcp-info connection ended; reconnecting");
+                            tracing::warn!(path = %self.config.path.display(), %why, ?backoff, "tcp-info connection ended; reconnecting");
                         }
                         _ = stop.wait_for(|s| *s) => break,
+                    }
+                    // Only a connection that lasted starts the backoff over: a peer that
+                    // accepts and closes at once is retried ever more slowly, as a missing one.
+                    if connected.elapsed() >= longest {
+                        backoff = first;
                     }
                 }
                 Err(e) => {
@@ -382,6 +397,17 @@ mod tests {
             src: src.into(),
             dst: dst.into(),
         }
+    }
+
+    /// Opens are remembered until their close: one whose UUID or address is longer than any
+    /// real one is refused, so a faulty producer cannot fill memory with a million of them.
+    #[test]
+    fn opens_with_oversized_fields_are_refused() {
+        let long_uuid = OPEN.replace("host_1696950000", &"h".repeat(300));
+        assert_eq!(parse_line(&long_uuid), Err(BadLine::BadOpen));
+        let long_addr = OPEN.replace("203.0.113.5", &"2".repeat(100));
+        assert_eq!(parse_line(&long_addr), Err(BadLine::BadOpen));
+        assert!(matches!(parse_line(OPEN), Ok(Line::Open { .. })));
     }
 
     #[test]
