@@ -377,6 +377,7 @@ impl HostSockets {
                 match recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::empty()) {
                     Ok(n) => parse_datagram(&buf[..n]).iter().for_each(closed),
                     Err(nix::Error::EAGAIN) => ready.clear_ready(),
+                    Err(nix::Error::EINTR) => {}
                     // The kernel dropped messages for a full buffer: counted, reading goes on.
                     Err(nix::Error::ENOBUFS) => self.count("kernel_overflow"),
                     Err(e) => return Err(e.into()),
