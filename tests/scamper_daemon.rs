@@ -67,3 +67,40 @@ async fn a_thousand_concurrent_traces_to_200_destinations_finish_with_no_timeout
     let after = daemon.trace(&paris_request(lab.dst_v4(1), DEADLINE)).await;
     assert!(after.is_err(), "no trace after shutdown");
 }
+
+/// A daemon whose socket file disappears while scamper still runs (a temporary-file cleaner,
+/// a second instance on the same path) is replaced when a trace finds nothing there: the
+/// trace waits for the new one and succeeds, rather than every trace timing out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_socket_vanished_is_replaced() {
+    if !require_root("a_daemon_whose_socket_vanished_is_replaced") {
+        return;
+    }
+    let lab = Lab::up();
+    let tools = tempfile::tempdir().expect("tempdir");
+    let socket = tools.path().join("control.sock");
+    let daemon = lab_daemon(
+        &lab,
+        tools.path(),
+        DaemonOptions {
+            socket: Some(socket.clone()),
+            backoff: (Duration::from_millis(50), Duration::from_millis(400)),
+            ..DaemonOptions::default()
+        },
+    );
+    let dst = lab.dst_v4(7);
+    daemon
+        .trace(&paris_request(dst, DEADLINE))
+        .await
+        .expect("first trace");
+    let first = daemon.pid().expect("running");
+    std::fs::remove_file(&socket).expect("remove the control socket");
+    let out = daemon
+        .trace(&paris_request(dst, DEADLINE))
+        .await
+        .expect("traced by the replacement");
+    assert!(out.summary.hops.iter().any(|h| h.addr == dst));
+    assert_eq!(daemon.restarts(), 1);
+    assert_ne!(daemon.pid(), Some(first), "a new scamper");
+    daemon.shutdown().await;
+}

@@ -99,6 +99,9 @@ pub struct ScamperDaemon {
     restarts: Arc<AtomicU64>,
     pid: Arc<AtomicU64>,
     private_dir: Option<PathBuf>,
+    /// The newest generation a trace found not answering on its socket while it was said
+    /// to be ready (the socket file removed, nothing listening): the supervisor restarts it.
+    unreachable: watch::Sender<u64>,
 }
 
 fn private_socket_dir() -> std::io::Result<PathBuf> {
@@ -128,9 +131,11 @@ impl ScamperDaemon {
         };
         let (state_tx, state) = watch::channel(State::Starting(None));
         let (stop, stopped) = watch::channel(false);
+        let (unreachable, unreachable_rx) = watch::channel(0);
         let restarts = Arc::new(AtomicU64::new(0));
         let pid = Arc::new(AtomicU64::new(0));
         let supervisor = Supervisor {
+            unreachable: unreachable_rx,
             window: options.window,
             options,
             socket: socket.clone(),
@@ -150,6 +155,7 @@ impl ScamperDaemon {
             restarts,
             pid,
             private_dir,
+            unreachable,
         })
     }
 
@@ -212,6 +218,14 @@ impl ScamperDaemon {
                 // noticed): wait for the next one rather than fail. A trace already running
                 // when the daemon dies fails at once instead.
                 Err(TraceError::DaemonUnavailable(why)) if why.starts_with(NOT_CONNECTED) => {
+                    // Should the process still live (its socket file removed by a cleaner, a
+                    // second instance on the same path), no successor would ever come: the
+                    // supervisor is told to replace this generation.
+                    self.unreachable.send_if_modified(|g| {
+                        let newer = generation > *g;
+                        *g = (*g).max(generation);
+                        newer
+                    });
                     generation = self.ready_after(generation).await?;
                 }
                 result => break result?,
@@ -339,6 +353,8 @@ struct Supervisor {
     stop: watch::Receiver<bool>,
     restarts: Arc<AtomicU64>,
     pid: Arc<AtomicU64>,
+    /// See [`ScamperDaemon::unreachable`].
+    unreachable: watch::Receiver<u64>,
 }
 
 impl Supervisor {
@@ -398,9 +414,16 @@ impl Supervisor {
         };
         self.pid.store(u64::from(group.pid), Ordering::Relaxed);
         let stderr = group.child.stderr.take().map(|err| tokio::spawn(tail(err)));
+        let mut unreachable = self.unreachable.clone();
+        let mut lost = None;
         let ended = tokio::select! {
             () = process_group::exited(group.pid) => true,
             _ = self.stop.wait_for(|s| *s) => false,
+            _ = unreachable.wait_for(|g| *g >= generation) => {
+                lost = Some("its control socket stopped answering while it ran (removed, or \
+                             nothing listening); replaced");
+                true
+            }
             () = announce_when_ready(&self.socket, &self.state, generation) => {
                 unreachable!("never returns")
             }
@@ -424,6 +447,9 @@ impl Supervisor {
         };
         if !ended {
             return None;
+        }
+        if let Some(lost) = lost {
+            return Some(format!("scamper daemon: {lost}"));
         }
         let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
         Some(
