@@ -25,7 +25,7 @@ pub enum TraceError {
         program: String,
         /// Its exit status.
         status: ExitStatus,
-        /// The end of what it wrote to stderr (bounded).
+        /// The first 4 KiB of what it wrote to stderr (where scamper says why).
         stderr: String,
     },
     /// The tracer's output is not a valid measurement.

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::{NetNs, TraceError};
 
-/// Bytes of stderr kept for error messages.
+/// Bytes of stderr kept for error messages: the first ones (the rest is read and dropped).
 const STDERR_KEEP: usize = 4096;
 
 /// A child running as the leader of its own process group.

@@ -31,7 +31,7 @@ use tokio::{
 
 use super::{
     command,
-    control::{Decoder, Reply},
+    control::{ControlError, Decoder, Reply},
 };
 use crate::{NetNs, TraceError, TraceOutput, TraceRequest, Tracer, process_group};
 
@@ -516,7 +516,14 @@ async fn converse(
             break;
         }
         decoder.feed(&buf[..n]);
-        while let Some(reply) = decoder.next_reply()? {
+        let next = |decoder: &mut Decoder| {
+            decoder.next_reply().map_err(|e| match e {
+                // One frame over the bound is output too large, as several adding up are.
+                ControlError::FrameTooLarge(n) => TraceError::OutputTooLarge(n),
+                e => e.into(),
+            })
+        };
+        while let Some(reply) = next(&mut decoder)? {
             match reply {
                 // The daemon takes one command per MORE: ours, then `done`.
                 Reply::More if !sent_command => {
@@ -747,6 +754,22 @@ mod tests {
         let (_dir, path, _task) = fake_daemon(steps).await;
         let output = session(&path, COMMAND).await.expect("session");
         assert_eq!(output.lines, LINES);
+    }
+
+    #[tokio::test]
+    async fn one_frame_larger_than_a_file_may_hold_is_output_too_large() {
+        let steps = vec![
+            Step::Expect("attach format json"),
+            Step::Send(b"OK\nMORE\n".to_vec(), 64),
+            Step::Expect(COMMAND),
+            Step::Send(
+                format!("DATA {}\n", super::super::MAX_OUTPUT + 1).into_bytes(),
+                64,
+            ),
+        ];
+        let (_dir, path, _task) = fake_daemon(steps).await;
+        let err = session(&path, COMMAND).await.expect_err("too large");
+        assert_eq!(err.kind(), "output_too_large", "{err}");
     }
 
     #[tokio::test]
