@@ -45,7 +45,7 @@ pub enum TraceError {
     Refused(String),
     /// The daemon's control stream broke the protocol.
     #[error("scamper control protocol: {0}")]
-    Protocol(#[from] crate::scamper::control::ControlError),
+    Protocol(crate::scamper::control::ControlError),
     /// The in-process engine could not probe (sockets, routes, sends).
     #[error("engine: {0}")]
     Engine(#[from] crate::engine::EngineError),
@@ -55,6 +55,19 @@ pub enum TraceError {
     /// Reading from or waiting for the tracer failed.
     #[error("i/o with the tracer: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<crate::scamper::control::ControlError> for TraceError {
+    /// A broken control stream is a protocol error, except one DATA frame over the output
+    /// bound: output too large, as several frames adding up to it are (and as the process
+    /// backend says).
+    fn from(e: crate::scamper::control::ControlError) -> Self {
+        use crate::scamper::control::ControlError;
+        match e {
+            ControlError::FrameTooLarge(n) => TraceError::OutputTooLarge(n),
+            e => TraceError::Protocol(e),
+        }
+    }
 }
 
 impl TraceError {

@@ -504,17 +504,14 @@ impl Sender {
             r.pending.push((at, probe));
         }
         r.pending.sort_by_key(|&(at, _)| Reverse(at));
-        self.publish_limited(None);
+        self.publish_limited(now);
     }
 
-    /// Publishes how many routers the pacing holds limited, pruning those forgotten by `now`
-    /// first when given (the idle prober's once-a-second look).
-    fn publish_limited(&mut self, now: Option<Instant>) {
+    /// Publishes how many routers the pacing holds limited at `now` (pruning those forgotten,
+    /// at most once a second).
+    fn publish_limited(&mut self, now: Instant) {
         if let Some(routers) = &mut self.routers {
-            let limited = match now {
-                Some(now) => routers.prune(now),
-                None => routers.limited_routers(),
-            };
+            let limited = routers.prune(now);
             self.shared
                 .counters
                 .limited_routers
@@ -634,7 +631,7 @@ impl Prober {
             self.run_ready();
             self.run_timers();
             if self.sender.limits_held() {
-                self.sender.publish_limited(Some(Instant::now()));
+                self.sender.publish_limited(Instant::now());
             }
             let timeout = self.sleep_for();
             let n = match self.epoll.wait(&mut events, timeout) {

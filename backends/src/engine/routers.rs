@@ -231,7 +231,7 @@ impl RouterPacing {
         };
         // A router forgotten already (though not yet pruned) is not paced, nor one that is
         // only silent for a first probe, nor one that answers freely.
-        let interval = self.interval(dst);
+        let interval = self.limits.interval_for(dst);
         let paced = |s: &Silent| {
             s.until > now && (retry || s.limited()) && !s.answers_freely(now, interval)
         };
@@ -290,11 +290,6 @@ impl RouterPacing {
                     && !s.answers_freely(now, limits.interval_for(**router))
             })
             .count();
-    }
-
-    /// The interval of the routers on the way to `dst` (of its family).
-    fn interval(&self, dst: IpAddr) -> Duration {
-        self.limits.interval_for(dst)
     }
 
     /// Routers limited now (as of the last silence or pruning).

@@ -31,7 +31,7 @@ use tokio::{
 
 use super::{
     command,
-    control::{ControlError, Decoder, Reply},
+    control::{Decoder, Reply},
 };
 use crate::{NetNs, TraceError, TraceOutput, TraceRequest, Tracer, process_group};
 
@@ -516,14 +516,7 @@ async fn converse(
             break;
         }
         decoder.feed(&buf[..n]);
-        let next = |decoder: &mut Decoder| {
-            decoder.next_reply().map_err(|e| match e {
-                // One frame over the bound is output too large, as several adding up are.
-                ControlError::FrameTooLarge(n) => TraceError::OutputTooLarge(n),
-                e => e.into(),
-            })
-        };
-        while let Some(reply) = next(&mut decoder)? {
+        while let Some(reply) = decoder.next_reply()? {
             match reply {
                 // The daemon takes one command per MORE: ours, then `done`.
                 Reply::More if !sent_command => {
